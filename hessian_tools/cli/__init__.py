@@ -1,0 +1,56 @@
+"""The `hessian-tools` console script: one module per sub-command, each with `add_parser` and `run`.
+
+Every sub-command module defines `add_parser(subparsers)` (registering its flags) and `run(args) -> int`.
+Heavy imports happen inside `run`, so `hessian-tools --help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+from hessian_tools.errors import UserError
+
+COMMANDS = {
+    "train": "hessian_tools.cli.train",
+    "lr-sweep": "hessian_tools.cli.lr_sweep",
+    "inspect": "hessian_tools.cli.inspect",
+    "spectrum": "hessian_tools.cli.spectrum",
+    "trace": "hessian_tools.cli.trace",
+    "density": "hessian_tools.cli.density",
+    "bench": "hessian_tools.cli.bench",
+    "verify-bound": "hessian_tools.cli.verify_bound",
+    "sweep": "hessian_tools.cli.sweep",
+    "figures": "hessian_tools.cli.figures",
+    "demo": "hessian_tools.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hessian-tools", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a sub-command not built yet
+        module.add_parser(subparsers, name)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"hessian-tools {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hessian-tools {args.command}: interrupted; everything written so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Normalization layers with a pluggable implementation (`norm_backend`).
+
+Conventions: the normalization runs over the last dimension; RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight;
+SimpleNorm(x) = RMSNorm(W x), the RMS taken over the whole output vector (all heads together).
+The "torch" backend is the reference, twice differentiable under autograd and torch.func; "triton" calls the
+fused kernels of `models.kernels`, which are twice differentiable as well.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "torch") -> torch.Tensor:
+    """RMSNorm over the last dimension; low-precision inputs are normalized in float32."""
+    if resolve_backend(backend, x) == "triton":
+        from models import kernels
+
+        return kernels.rms_norm(x, weight, eps)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return out if weight is None else out * weight
+
+
+def layer_norm(x, weight, bias, eps: float, backend: str = "torch") -> torch.Tensor:
+    """LayerNorm over the last dimension (mean removed, variance normalized, then weight and bias)."""
+    if resolve_backend(backend, x) == "triton":
+        from models import kernels
+
+        return kernels.layer_norm(x, weight, bias, eps)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "torch"):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps, self.backend)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, bias: bool = True, eps: float = 1e-5, backend: str = "torch"):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class SimpleNorm(nn.Module):
+    """Psi(x) = gamma * sqrt(d) * W x / ||W x||, written as RMSNorm(Linear(x, bias=False)): `lin`, then `norm`."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float = 1e-5, backend: str = "torch"):
+        super().__init__()
+        self.lin = nn.Linear(in_dim, out_dim, bias=False)
+        self.norm = RMSNorm(out_dim, eps, backend)
+
+    @property
+    def weight(self):
+        return self.lin.weight
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
