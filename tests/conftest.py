@@ -1,11 +1,9 @@
 """Test set-up: Triton kernels run in the interpreter on CPU (set before triton is imported)."""
 
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,42 @@
+"""Append-only results files: no partial or interleaved lines, also after a killed writer."""
+
+import multiprocessing as mp
+
+import pytest
+
+from hessian_tools.results_io import append_record, read_records
+
+
+def _writer(path, tag, n):
+    for i in range(n):
+        append_record(path, {"writer": tag, "i": i, "pad": "x" * 2000})
+
+
+def test_partial_last_line_is_ignored_then_cut(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"a": 1})
+    with open(path, "ab") as f:
+        f.write(b'{"a": 2, "trunc')  # a writer killed mid-line
+    assert read_records(path) == [{"a": 1}]
+    append_record(path, {"a": 3})
+    assert read_records(path) == [{"a": 1}, {"a": 3}]
+    assert path.read_bytes().count(b"\n") == 2
+
+
+def test_concurrent_writers_do_not_interleave(tmp_path):
+    path = tmp_path / "r.jsonl"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, tag, 50)) for tag in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    records = read_records(path)
+    assert len(records) == 100
+    for tag in "ab":
+        assert [r["i"] for r in records if r["writer"] == tag] == list(range(50))
+
+
+def test_non_finite_values_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        append_record(tmp_path / "r.jsonl", {"value": float("nan")})
