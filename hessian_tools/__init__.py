@@ -8,3 +8,12 @@ __version__ = "0.1.0"
 from hessian_tools.errors import UserError
 
 __all__ = ["UserError", "__version__"]
+
+
+def __getattr__(name):
+    """Lazy exports: `hessian_tools.sites(model)` lists a model's activation sites."""
+    if name == "sites":
+        from hessian_tools.operators.sites import list_sites
+
+        return list_sites
+    raise AttributeError(f"module 'hessian_tools' has no attribute {name!r}")

@@ -1,0 +1,114 @@
+"""Training throughput (tokens/s) of every variant at one shape, and the wall time of a demo-sized run.
+
+Writes its section of BENCHMARKS.md between the train-throughput markers (other sections are left alone).
+Usage: python benchmarks/train_throughput.py [--device cpu] [--timed 10] [--skip-demo]
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.config import ARCHS, GPTConfig
+from models.data import DataSpec, load_splits, training_batch
+from models.gpt import build_model, next_token_loss
+from models.train import TrainConfig, make_optimizer, train
+
+START, END = "<!-- train-throughput:start -->", "<!-- train-throughput:end -->"
+SHAPE = dict(dim=128, n_layers=4, n_heads=4, seq_len=128)
+BATCH = 16
+DEMO = dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=0)
+
+
+def tokens_per_second(arch: str, device: torch.device, warmup: int, timed: int) -> float:
+    """Mean tokens/s over `timed` AdamW steps (forward, backward, clip, step) after `warmup` untimed ones."""
+    spec = DataSpec()
+    splits = load_splits(spec)
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch=arch, vocab_size=splits.tokenizer.vocab_size, **SHAPE)
+    model = build_model(cfg).to(device).train()
+    opt = make_optimizer(model, TrainConfig(arch=arch))
+    batches = [tuple(t.to(device) for t in training_batch(splits, spec, s, BATCH, SHAPE["seq_len"]))
+               for s in range(warmup + timed)]
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        loss = next_token_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return timed * BATCH * SHAPE["seq_len"] / (time.perf_counter() - t0)
+
+
+def demo_seconds(device: str) -> tuple[float, float]:
+    """(wall seconds, final loss) of a simplegpt run of the demo size, checkpoint at the end included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        train(TrainConfig(arch="simplegpt", device=device, **DEMO), tmp, progress=False)
+        seconds = time.perf_counter() - t0
+        loss = (Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1]
+    return seconds, json.loads(loss)["loss"]
+
+
+def section(rates: dict, demo, device: torch.device, timed: int, load: tuple) -> str:
+    where = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}, {device}; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} "
+             "at the end: a load above the core count means other processes shared the CPUs")
+    lines = [START, "## Training throughput", "",
+             f"`python benchmarks/train_throughput.py` ({where}). Shape: dim {SHAPE['dim']}, "
+             f"{SHAPE['n_layers']} layers, {SHAPE['n_heads']} heads, seq {SHAPE['seq_len']}, batch {BATCH}; "
+             f"AdamW steps (forward, backward, clip, update), mean over {timed} timed steps after warm-up.", "",
+             "| variant | tokens/s | time vs llama2 |", "|---|---:|---:|"]
+    for arch, rate in rates.items():
+        lines.append(f"| {arch} | {rate:,.0f} | {rates['llama2'] / rate:.2f}x |")
+    lines += ["", f"SimpleGPT overhead over llama2 at equal shape: {rates['llama2'] / rates['simplegpt']:.2f}x "
+              f"the time per step; simplegpt_gpt2 over gpt2: {rates['gpt2'] / rates['simplegpt_gpt2']:.2f}x."]
+    if demo is not None:
+        lines += ["", f"Demo-sized run (simplegpt, dim {DEMO['dim']}, {DEMO['n_layers']} layers, seq "
+                  f"{DEMO['seq_len']}, batch {DEMO['batch_size']}, {DEMO['steps']} steps, one checkpoint): "
+                  f"{demo[0]:.1f} s wall, final training loss {demo[1]:.3f}."]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path):
+    """Replace this script's section of `path` (create the file if missing; other sections are kept)."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timed", type=int, default=10)
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    load_start = os.getloadavg()[0]
+    rates = {}
+    for arch in ARCHS:
+        rates[arch] = tokens_per_second(arch, device, args.warmup, args.timed)
+        print(f"{arch:<16} {rates[arch]:>12,.0f} tokens/s", flush=True)
+    demo = None if args.skip_demo else demo_seconds(args.device)
+    text = section(rates, demo, device, args.timed, (load_start, os.getloadavg()[0]))
+    print(text)
+    write_section(text, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`hessian-tools inspect CKPT`: architecture, config, parameter count, step and measurement sites."""
+
+from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags
+
+
+def add_parser(subparsers, name):
+    p = subparsers.add_parser(name, help="describe a checkpoint and list its measurement sites",
+                              description=__doc__.splitlines()[0])
+    add_checkpoint_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_model_flags(p)
+    p.set_defaults(run=run)
+
+
+def describe(ckpt) -> dict:
+    """JSON-able summary of a loaded checkpoint."""
+    from models.sites import list_sites
+
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.meta.get("format"),
+        "arch": ckpt.config.arch,
+        "config": ckpt.config.to_dict(),
+        "n_params": sum(p.numel() for p in ckpt.model.parameters()),
+        "step": ckpt.step,
+        "sites": list_sites(ckpt.model),
+    }
+
+
+def run(args) -> int:
+    import json
+
+    from hessian_tools.cli.common import overrides_from_args
+    from models.checkpoint import load_checkpoint
+
+    info = describe(load_checkpoint(args.checkpoint, overrides_from_args(args)))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"checkpoint  {info['path']} ({info['format']})")
+    print(f"arch        {info['arch']}")
+    print(f"step        {info['step']}")
+    print(f"parameters  {info['n_params']:,}")
+    print("config      " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    print(f"sites ({len(info['sites'])}):")
+    for site in info["sites"]:
+        print(f"  {site}")
+    return 0

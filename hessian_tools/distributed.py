@@ -1,0 +1,85 @@
+"""Data parallelism with torch.distributed: each rank holds the operator on its share of the batches, and
+every product is all-reduced, so each rank sees the operator on the union of the batches.
+
+Contract with the inner operator (what `make_op(batches)` must return): the operator interface (shape,
+matvec, matmat, hvp_count, device, dtype, mode, settings) for the Hessian of the *weighted mean* loss over
+the batches it was given, plus `total_weight`, the sum of their weights (number of loss terms). Then
+H_union = sum_r (W_r / W) H_r with W = sum_r W_r, which is what `matvec` returns on every rank.
+
+Batches are dealt round-robin (rank r gets batches r, r + P, ...). The all-reduce (gloo on CPU, nccl on
+GPU) returns the same bits on every rank, so an estimator run with the same seed on every rank performs
+the identical Krylov iteration; no broadcast is needed. Run it under `torchrun` after `init_distributed()`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from hessian_tools.errors import UserError
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment; returns (rank, world_size).
+
+    backend: "nccl" when CUDA is available, else "gloo" (override with `backend`). With CUDA, each rank
+    uses device LOCAL_RANK. A no-op if the group already exists.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise UserError("no torch.distributed environment: launch with torchrun --nproc_per_node=N ...")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class DistributedOperator:
+    """The operator on the union of `batches`, evaluated data-parallel over the default process group.
+
+    Each rank calls DistributedOperator(make_op, all_batches) with the same batch list; the local operator
+    is make_op(this rank's share). hvp_count counts products of this operator (each costs every rank one
+    HVP on its share, plus one all-reduce of n floats in float64).
+    """
+
+    def __init__(self, make_op: Callable[[list], object], batches: Sequence, group=None):
+        if not dist.is_initialized():
+            raise UserError("torch.distributed is not initialised: call hessian_tools.distributed.init_distributed()")
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        batches = list(batches)
+        if len(batches) < self.world_size:
+            raise UserError(f"{len(batches)} batches for {self.world_size} ranks: pass at least one batch per rank")
+        self.local = make_op(batches[self.rank::self.world_size])
+        if not hasattr(self.local, "total_weight"):
+            raise UserError("the operator from make_op has no total_weight: expose the sum of its batch weights")
+        self.shape, self.device, self.dtype = self.local.shape, self.local.device, self.local.dtype
+        self.mode = self.local.mode
+        weight = torch.tensor([float(self.local.total_weight)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(weight, group=self.group)
+        self.total_weight = float(weight)
+        self._share = float(self.local.total_weight) / self.total_weight
+        self.hvp_count = 0
+
+    def _reduce(self, local: torch.Tensor) -> torch.Tensor:
+        out = (local.to(torch.float64) * self._share).contiguous()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """(H_union v) as float64, identical on every rank."""
+        self.hvp_count += 1
+        return self._reduce(self.local.matvec(v))
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """(H_union V) for V of shape (n, k), float64, identical on every rank."""
+        self.hvp_count += V.shape[1]
+        return self._reduce(self.local.matmat(V))
+
+    def settings(self) -> dict:
+        return {**self.local.settings(), "world_size": self.world_size,
+                "backend": dist.get_backend(self.group), "total_weight": self.total_weight}

@@ -1,0 +1,291 @@
+"""Numerical checks of theory/simplenorm.md: each returns a small dict of the numbers and a `pass` flag.
+
+All Hessians are taken in float64 on a private copy of the model (theory.verify.float64_copy). Where the
+implemented RMSNorm's eps > 0 makes an identity inexact, the tolerance adds its size
+eps_effect = max_t d eps / s_t^2 (theory.verify.eps_size); with eps = 0 the identities are exact.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from hessian_tools.estimators.lanczos import lanczos
+from hessian_tools.operators.base import CurvatureOperator
+from hessian_tools.operators.param_hessian import ParamHessian
+from models.gpt import math_attention, next_token_loss
+from theory import closed_forms as cf
+from theory import verify as vb
+
+ROUNDOFF = 1e-10  # relative float64 agreement of two exact computations through tiny models
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def check_split(model, batches, name: str, n_vectors: int = 3, seed: int = 0) -> dict:
+    """H_xx v = J^T H_yy J v + C v at SimpleNorm `name`: engine HVPs at `name:in` / `name:out` against the
+    closed forms of J, J^T, C; pass when the relative difference is at round-off."""
+    model = vb.float64_copy(model)
+    layer, g, hyy = vb.simplenorm_parts(model, batches, name)
+    hxx = vb.site_hessian(model, batches, f"{name}:in")
+    gen = torch.Generator().manual_seed(seed)
+    errors = []
+    for _ in range(n_vectors):
+        v = torch.randn(layer.x.shape, generator=gen, dtype=torch.float64)
+        gn = cf.vjp(layer, hyy.matvec(cf.jvp(layer, v).reshape(-1)).view_as(g))
+        errors.append(_rel(gn + cf.curvature_matvec(layer, g, v), hxx.matvec(v.reshape(-1)).view_as(v)))
+    return {"check": "split", "layer": name, "max_rel_error": max(errors), "tol": ROUNDOFF,
+            "pass": max(errors) <= ROUNDOFF}
+
+
+def check_m_constant(dim: int = 8, n_draws: int = 2000, seed: int = 0) -> dict:
+    """||M|| <= (2/sqrt(3)) ||v||: attained by the worst-case v (u.v = ||v||/sqrt(3)), never exceeded over random
+    u, v (Gaussian v and v at a uniformly random angle to u); the closed form of ||M|| matches a dense
+    eigensolve; with eps (rho < 1), sqrt(rho) ||M_rho|| <= 2/sqrt(3) ||v|| as well."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    dense = lambda M: float(torch.linalg.eigvalsh(M).abs().max())  # noqa: E731
+    u = randn(dim)
+    u /= u.norm()
+    worst = dense(cf.curvature_matrix(u, cf.worst_case_v(u, randn(dim))))
+    ratios, rho_ratios, closed_errors = [], [], []
+    for i in range(n_draws):
+        u = randn(dim)
+        u /= u.norm()
+        if i % 2:
+            w = randn(dim)
+            theta = math.pi * float(torch.rand(1, generator=gen))
+            pw = w - u * (u @ w)
+            v = math.cos(theta) * u + math.sin(theta) * pw / pw.norm()
+        else:
+            v = randn(dim)
+        M = cf.curvature_matrix(u, v)
+        ratios.append(dense(M) / float(v.norm()))
+        closed_errors.append(abs(float(cf.curvature_matrix_norm(u, v)) - dense(M)) / dense(M))
+        rho = float(torch.rand(1, generator=gen))
+        rho_ratios.append(math.sqrt(rho) * dense(cf.curvature_matrix(u, v, rho)) / float(v.norm()))
+    limit = cf.TWO_OVER_SQRT3 * (1 + 1e-12)
+    return {"check": "m_constant", "two_over_sqrt3": cf.TWO_OVER_SQRT3, "worst_case": worst,
+            "max_random": max(ratios), "max_random_eps": max(rho_ratios), "closed_form_max_rel_error": max(closed_errors),
+            "pass": abs(worst - cf.TWO_OVER_SQRT3) <= 1e-12 and max(ratios) <= limit and max(rho_ratios) <= limit
+            and max(closed_errors) <= 1e-12}
+
+
+def _input_scaled(model, name: str, c: float):
+    """A float64 copy whose module `name` sees c times its input (a forward pre-hook, kept by copies)."""
+    twin = vb.float64_copy(model)
+    twin.get_submodule(name).register_forward_pre_hook(lambda _m, args: (c * args[0],) + tuple(args[1:]))
+    return twin
+
+
+def check_identities(model, batches, name: str, c: float = 3.0, n_vectors: int = 2, seed: int = 0) -> dict:
+    """At SimpleNorm `name`: J x = 0 (autograd jvp of the module, relative to ||y||), H_xx x = -dl/dx and
+    c^2 H_xx(c x) = H_xx(x) (engine HVPs; x scaled at this module's input only)."""
+    model = vb.float64_copy(model)
+    module = model.get_submodule(name)
+    hxx = vb.site_hessian(model, batches, f"{name}:in")
+    layer = vb.simplenorm_parts(model, batches, name)[0]
+    x = layer.x
+    with torch.no_grad():
+        y, jx = torch.func.jvp(module, (x,), (x,))
+    jx_rel = float((jx.norm(dim=-1) / y.norm(dim=-1)).max())
+    grad = hxx.gradient()
+    hx_rel = _rel(hxx.matvec(x.reshape(-1)), -grad)
+    scaled = vb.site_hessian(_input_scaled(model, name, c), batches, f"{name}:in")
+    gen = torch.Generator().manual_seed(seed)
+    hc_rel = 0.0
+    for _ in range(n_vectors):
+        v = torch.randn(hxx.shape[0], generator=gen, dtype=torch.float64)
+        hc_rel = max(hc_rel, _rel(c**2 * scaled.matvec(v), hxx.matvec(v)))
+    eps_effect = vb.eps_size(layer)
+    tol = 1e-9 + 4 * eps_effect
+    return {"check": "identities", "layer": name, "jx_rel": jx_rel, "hx_plus_grad_rel": hx_rel,
+            "scaled_hessian_rel": hc_rel, "c": c, "eps_effect": eps_effect, "tol": tol,
+            "pass": max(jx_rel, hx_rel, hc_rel) <= tol}
+
+
+def check_scale_invariance(simple_model, simple_layer: str, baseline_model, baseline_layer: str, batches,
+                           settings: vb.Settings = vb.Settings()) -> dict:
+    """W -> cW: ||H_xx|| at a SimpleNorm input is unchanged; at a plain linear input of a pre-norm baseline it
+    changes, and stays under the plain bound ||cW||^2 ||H_yy(cW)|| recomputed at the scaled weights."""
+    simple = vb.check_simplenorm(vb.float64_copy(simple_model), batches, simple_layer, settings)
+    base_model = vb.float64_copy(baseline_model)
+    base = vb.check_linear(base_model, batches, baseline_layer, settings)
+    weight = base_model.get_submodule(baseline_layer).weight
+    with torch.no_grad():
+        weight.mul_(settings.scale)
+    scaled = vb.check_linear(base_model, batches, baseline_layer, settings)
+    s_ratio, b_ratio = simple["scale_invariance"]["ratio"], base["scale_invariance"]["ratio"]
+    return {"check": "scale_invariance", "c": settings.scale, "simplenorm_ratio": s_ratio,
+            "simplenorm_eps_effect": simple["eps_effect"], "linear_ratio": b_ratio,
+            "linear_bound_ratio": scaled["bound"] / base["bound"], "c_squared": settings.scale**2,
+            "pass": simple["scale_invariance"]["invariant"] and not base["scale_invariance"]["invariant"]
+            and not base["violated"] and not scaled["violated"]}
+
+
+def check_gn_dominance(models_by_width: dict, batches, settings: vb.Settings = vb.Settings(tol=1e-4)) -> dict:
+    """||C|| / ||GN|| per SimpleNorm layer for models of several widths {d: model}, against the prediction
+    bound(C) / bound(GN) = (2/sqrt(3)) kappa / sqrt(d), kappa = max_t ||g_t|| / (gamma_max ||H_yy||) (min/max over
+    tokens of s_t aside). kappa is a property of the loss around the layer and need not stay fixed across
+    models, so the d^-1/2 law is tested on the normalised ratio (||C|| / ||GN||) / kappa: the slope of the
+    log of its median over layers against log d is set beside -1/2 (the raw ratio's slope is reported too).
+    pass: the normalised ratio falls with width (slope < 0) and every measured ||C||, ||GN|| is under its
+    own bound term (to its error bar)."""
+    widths, raw, normalised, within = sorted(models_by_width), [], [], True
+    per_width = {}
+    for d in widths:
+        model = vb.float64_copy(models_by_width[d])
+        ratios, scaled = [], []
+        for name, _ in vb.bound_layers(model):
+            layer, g, hyy = vb.simplenorm_parts(model, batches, name)
+            hyy_est = vb._norm(hyy, settings)
+            factors = cf.simplenorm_bound(layer, g, hyy_est.value + hyy_est.error)
+            c_op, gn_op = vb.split_operators(layer, g, hyy)
+            c_norm, gn_norm = vb._norm(c_op, settings), vb._norm(gn_op, settings)
+            within &= c_norm.value - c_norm.error <= factors["c_bound"]
+            within &= gn_norm.value - gn_norm.error <= factors["gn_bound"]
+            kappa = factors["g_norm_max"] / (factors["gamma_max"] * factors["hyy_norm"])
+            ratios.append(c_norm.value / gn_norm.value)
+            scaled.append(ratios[-1] / kappa)
+        raw.append(float(np.median(ratios)))
+        normalised.append(float(np.median(scaled)))
+        per_width[d] = {"median_ratio": raw[-1], "min_ratio": min(ratios), "max_ratio": max(ratios),
+                        "median_normalised": normalised[-1]}
+    log_d = np.log(widths)
+    slope = float(np.polyfit(log_d, np.log(normalised), 1)[0])
+    raw_slope = float(np.polyfit(log_d, np.log(raw), 1)[0])
+    return {"check": "gn_dominance", "widths": widths, "per_width": per_width, "normalised_slope": slope,
+            "raw_slope": raw_slope, "predicted_slope": -0.5, "pass": slope < 0 and bool(within)}
+
+
+def _param_vector(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _set_params(model, flat: torch.Tensor):
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _loss_and_grad(model, batch):
+    model.zero_grad(set_to_none=True)
+    with math_attention():
+        loss = next_token_loss(model, batch)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def finite_minimum_batch(vocab_size: int, seq_len: int, seed: int = 0) -> tuple:
+    """(idx, targets): vocab_size copies of one random sequence whose targets at each position run through the
+    whole vocabulary, so the mean cross-entropy has a finite minimum, log(vocab_size), at a model predicting
+    the uniform distribution (the Hessian there is the positive semi-definite Gauss-Newton matrix)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (1, seq_len), generator=gen).expand(vocab_size, seq_len).clone()
+    targets = (torch.arange(vocab_size)[:, None] + 3 * torch.arange(seq_len)[None, :]) % vocab_size
+    return idx, targets
+
+
+def fit_batch(model, batch, steps: int = 300, lr: float = 1e-2):
+    """Adam on one batch (float64, in place): brings the model near a minimum of that batch; returns the loss."""
+    model.double()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        with math_attention():
+            loss = next_token_loss(model, batch)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def check_lr_link(model, batch, factors=(1.9, 2.1), steps: int = 60, kick: float = 1e-5, seed: int = 0) -> dict:
+    """Full-batch gradient descent on one fixed batch at lr = f / lambda_max, lambda_max of the parameter
+    Hessian measured by Lanczos at the start theta_0, which the caller puts near a minimum of that batch.
+
+    The run starts at theta_0 + kick * v_max (v_max the unit top eigenvector, kick in parameter units). In the
+    local quadratic model the step along v_max, c_{k+1} - c_k with c_k = v_max.(theta_k - theta_0), is
+    multiplied by (1 - f) at every step, whatever the (small) gradient at theta_0: after `steps` steps its
+    magnitude has changed by |1 - f|^steps, shrinking for f < 2 and growing for f > 2. A run is stable when
+    it shrank and the loss stayed finite, diverging when it grew. pass: factors[0] stable, factors[1] diverging.
+    kick must keep |1 - f|^steps * kick inside the quadratic region (larger oscillations are damped by the
+    drop of sharpness they cause).
+    """
+    model = vb.float64_copy(model).requires_grad_(True)
+    theta0 = _param_vector(model)
+    est = lanczos(ParamHessian(model, [batch], dtype=torch.float64), k=1, which="largest", tol=1e-8, seed=seed,
+                  return_vectors=True)
+    lam, v = est.value, est.vectors[:, 0]
+    runs = {}
+    for f in factors:
+        lr = f / lam
+        _set_params(model, theta0 + kick * v)
+        components, losses = [], []
+        for _ in range(steps + 1):
+            loss, grad = _loss_and_grad(model, batch)
+            theta = _param_vector(model)
+            components.append(float((theta - theta0) @ v))
+            losses.append(loss)
+            if not math.isfinite(loss):
+                break
+            _set_params(model, theta - lr * grad)
+        moves = np.abs(np.diff(components))
+        growth = float(moves[-1] / moves[0]) if math.isfinite(losses[-1]) else math.inf
+        runs[str(f)] = {"lr": lr, "start_loss": losses[0], "loss_change": losses[-1] - losses[0], "final_loss": losses[-1] if math.isfinite(losses[-1]) else None,
+                        "oscillation_growth": growth, "quadratic_prediction": abs(1 - f) ** (steps - 1),
+                        "stable": growth < 1, "diverging": growth > 1}
+    low, high = runs[str(factors[0])], runs[str(factors[1])]
+    return {"check": "lr_link", "lambda_max": lam, "lambda_error": est.error, "steps": steps, "kick": kick,
+            "runs": runs, "pass": low["stable"] and high["diverging"]}
+
+
+class _Preconditioned(CurvatureOperator):
+    """S = P^-1/2 H P^-1/2 for a diagonal P: symmetric, with the eigenvalues of P^-1 H."""
+
+    kind = "preconditioned"
+
+    def __init__(self, op, inv_sqrt_p: torch.Tensor):
+        super().__init__(op.shape[0], torch.float64, torch.device("cpu"))
+        self.op, self.scale = op, inv_sqrt_p
+
+    @property
+    def mode(self) -> str:
+        return self.op.mode
+
+    def _matvec(self, v):
+        return self.scale * self.op.matvec(self.scale * v)
+
+    def _matmat(self, V):
+        return self.scale[:, None] * self.op.matmat(self.scale[:, None] * V)
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "operator": self.op.settings()}
+
+
+def check_adam_sharpness(ckpt, batches, tol: float = 1e-6, seed: int = 0) -> dict:
+    """Adam's preconditioned sharpness lambda_max(P^-1 H), P = diag(sqrt(v_hat) + eps) from the checkpoint's
+    optimizer state (v_hat = v / (1 - beta2^step)), beside the threshold (2 + 2 beta1) / ((1 - beta1) lr)
+    for the peak lr and for the lr of the checkpoint's step (models.train's schedule and AdamW settings).
+    pass: the Lanczos estimate converged (the numbers are reported, not judged)."""
+    from models.train import TrainConfig, lr_at, make_optimizer
+
+    cfg = TrainConfig(**ckpt.meta["train_config"])
+    defaults = make_optimizer(ckpt.model, cfg).defaults
+    (beta1, beta2), eps = defaults["betas"], defaults["eps"]
+    state = ckpt.optimizer_state()
+    diag = []
+    for name, p in ckpt.model.named_parameters():
+        v, step = state[name]["exp_avg_sq"].to(torch.float64), float(state[name]["step"])
+        diag.append((v / (1 - beta2**step)).sqrt().add(eps).reshape(-1))
+    inv_sqrt_p = torch.cat(diag).rsqrt()
+    op = _Preconditioned(ParamHessian(ckpt.model, batches, dtype=torch.float64), inv_sqrt_p)
+    est = lanczos(op, k=1, which="largest", tol=tol, seed=seed)
+    threshold = lambda lr: (2 + 2 * beta1) / ((1 - beta1) * lr) if lr > 0 else math.inf  # noqa: E731
+    lr_now = lr_at(cfg, ckpt.step - 1) if ckpt.step else cfg.lr
+    return {"check": "adam_sharpness", "preconditioned_sharpness": est.value, "error": est.error,
+            "beta1": beta1, "lr_peak": cfg.lr, "threshold_peak": threshold(cfg.lr), "lr_at_step": lr_now,
+            "threshold_at_step": threshold(lr_now), "step": ckpt.step, "pass": est.converged}

@@ -1,0 +1,250 @@
+"""verify-bound: the SimpleNorm Hessian bound checked layer by layer on a model and its batches.
+
+For every SimpleNorm layer (models.norms.SimpleNorm) the row holds the measured ||H_xx|| at `NAME:in` with
+its Lanczos residual bound, the bound of theory/simplenorm.md section 5 from the layer's tensors and the
+measured ||H_yy|| at `NAME:out`, the tightness ratio bound / measured, ||C|| / ||GN|| from the closed forms
+and a weight-scale check (W -> c W). A baseline's block linear maps get the plain bound ||W||^2 ||H_yy||
+(and, when a norm feeds them, the pre-norm bound through that norm). Hessians are of the weighted mean loss
+over the batches, taken in float64; `NAME:in` perturbs the input of this module only (a forward pre-hook),
+even when the same tensor also feeds other modules. A bound is violated when measured - error > bound.
+"""
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hessian_tools.errors import UserError
+from hessian_tools.estimators.lanczos import spectral_norm
+from hessian_tools.operators.activation_hessian import ActivationHessian
+from hessian_tools.operators.base import CurvatureOperator
+from models.gpt import evaluation, math_attention
+from models.norms import LayerNorm, RMSNorm, SimpleNorm
+from theory import closed_forms as cf
+
+BLOCK_PREFIXES = ("layers.", "transformer.h.")
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A private float64 copy in eval mode (the caller's model is left as it is)."""
+    return copy.deepcopy(model).to(torch.float64).eval()
+
+
+def site_hessian(model: nn.Module, batches, site: str) -> ActivationHessian:
+    """The engine's activation Hessian at `site` in float64 (the one place the measurement backend is chosen)."""
+    return ActivationHessian(model, batches, site, dtype=torch.float64, mode="double-backward")
+
+
+class TokenOperator(CurvatureOperator):
+    """A symmetric operator given by a function on (N, k) token-row tensors (closed forms); flat = row-major."""
+
+    kind = "closed-form"
+
+    def __init__(self, fn, rows: int, cols: int, name: str):
+        super().__init__(rows * cols, torch.float64, torch.device("cpu"))
+        self.fn, self.rows, self.cols, self.name = fn, rows, cols, name
+
+    @property
+    def mode(self) -> str:
+        return "closed-form"
+
+    def _matvec(self, v):
+        return self.fn(v.view(self.rows, self.cols)).reshape(-1)
+
+    def _matmat(self, V):
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "operator": self.name, "n": self.shape[0]}
+
+
+def module_inputs(model: nn.Module, batches, name: str) -> torch.Tensor:
+    """The first positional input of module `name` on every batch, as token rows (N, m), batches concatenated."""
+    module, rows = model.get_submodule(name), []
+    handle = module.register_forward_pre_hook(lambda _m, args: rows.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad(), math_attention(), evaluation(model):
+            for batch in batches:
+                model(batch[0])
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+def feeding_norms(model: nn.Module, batch) -> dict:
+    """{linear name: norm name} for each nn.Linear whose input is the output tensor of an RMSNorm / LayerNorm."""
+    outputs, fed, handles = {}, {}, []
+
+    def norm_hook(name):
+        def hook(_module, _args, out):
+            outputs[id(out)] = name
+        return hook
+
+    def linear_hook(name):
+        def hook(_module, args):
+            fed[name] = outputs.get(id(args[0]))
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (RMSNorm, LayerNorm)):
+            handles.append(module.register_forward_hook(norm_hook(name)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(linear_hook(name)))
+    try:
+        with torch.no_grad(), math_attention(), evaluation(model):
+            model(batch[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return {lin: norm for lin, norm in fed.items() if norm is not None}
+
+
+def bound_layers(model: nn.Module, pattern: str | None = None) -> list[tuple[str, str]]:
+    """[(name, "simplenorm" | "linear")]: every SimpleNorm module, or for a model without them every nn.Linear
+    inside a block (the baseline's comparable maps); filtered by the regex `pattern` (searched in the name)."""
+    simple = [(n, "simplenorm") for n, m in model.named_modules() if isinstance(m, SimpleNorm)]
+    layers = simple or [(n, "linear") for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n.startswith(BLOCK_PREFIXES)]
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise UserError(f"--layers {pattern!r} is not a valid regular expression ({exc})") from None
+        layers = [(n, k) for n, k in layers if regex.search(n)]
+        if not layers:
+            raise UserError(f"no layer matches --layers {pattern!r}; drop the flag to see every layer")
+    if not layers:
+        raise UserError("the model has no SimpleNorm layer and no block linear map to check")
+    return layers
+
+
+@dataclass(frozen=True)
+class Settings:
+    """tol: Lanczos relative tolerance; scale: the factor c of the weight-scale check; invariance_tol: the
+    relative change of ||H_xx|| under W -> cW accepted as 'unchanged'; seed: Lanczos start vector."""
+
+    tol: float = 1e-6
+    scale: float = 2.0
+    invariance_tol: float = 1e-3
+    seed: int = 0
+
+
+def _norm(op, s: Settings):
+    est = spectral_norm(op, tol=s.tol, seed=s.seed)
+    if est.status != "ok":
+        raise UserError(f"the spectral norm of {op.settings().get('site', op.settings().get('operator'))} failed "
+                        f"({est.status}); check the checkpoint for NaN weights")
+    return est
+
+
+def simplenorm_parts(model: nn.Module, batches, name: str, hyy: ActivationHessian | None = None):
+    """(layer tensors, g = dl/dy rows, H_yy operator) of SimpleNorm `name` on the batches (model in float64)."""
+    module = model.get_submodule(name)
+    hyy = hyy or site_hessian(model, batches, f"{name}:out")
+    layer = cf.SimpleNormLayer(module_inputs(model, batches, name), module.lin.weight.detach(),
+                               module.norm.weight.detach(), module.norm.eps)
+    g = hyy.gradient().view(-1, layer.d)
+    return layer, g, hyy
+
+
+def split_operators(layer: cf.SimpleNormLayer, g: torch.Tensor, hyy) -> tuple:
+    """(C, GN) as operators on the layer input: C from its closed form, GN = J^T H_yy J with J, J^T closed
+    forms and H_yy the engine's product at the layer output."""
+    n, m = layer.x.shape
+    c_op = TokenOperator(lambda v: cf.curvature_matvec(layer, g, v), n, m, "C")
+    gn_op = TokenOperator(lambda v: cf.vjp(layer, hyy.matvec(cf.jvp(layer, v).reshape(-1)).view(n, -1)), n, m, "GN")
+    return c_op, gn_op
+
+
+def eps_size(layer: cf.SimpleNormLayer) -> float:
+    """max_t d eps / s_t^2: the relative size of what eps > 0 changes in the exact identities."""
+    return float((layer.d * layer.eps / layer.s.pow(2)).max())
+
+
+def hxx_norm(model: nn.Module, batches, name: str, s: Settings):
+    """The measured ||H_xx|| at `name:in` (an Estimate: value, residual-bound error, hvp_count)."""
+    return _norm(site_hessian(model, batches, f"{name}:in"), s)
+
+
+def _scale_check(model, batches, name, weight, measured, s: Settings, eps_effect: float = 0.0) -> dict:
+    """||H_xx|| again with `weight` multiplied by s.scale (restored afterwards). 'invariant' allows the relative
+    change s.invariance_tol + 2 eps_effect, eps_effect = max_t d eps / s_t^2 being the size of the terms by
+    which an RMSNorm with eps > 0 departs from exact scale invariance (0 for a plain map)."""
+    with torch.no_grad():
+        weight.mul_(s.scale)
+    try:
+        scaled = hxx_norm(model, batches, name, s)
+    finally:
+        with torch.no_grad():
+            weight.div_(s.scale)
+    ratio = scaled.value / measured.value
+    return {"c": s.scale, "measured_scaled": scaled.value, "ratio": ratio,
+            "invariant": abs(ratio - 1) <= s.invariance_tol + 2 * eps_effect}
+
+
+def check_simplenorm(model, batches, name: str, s: Settings) -> dict:
+    """One row of verify-bound for a SimpleNorm layer."""
+    layer, g, hyy = simplenorm_parts(model, batches, name)
+    measured, hyy_est = hxx_norm(model, batches, name, s), _norm(hyy, s)
+    factors = cf.simplenorm_bound(layer, g, hyy_est.value + hyy_est.error)
+    c_op, gn_op = split_operators(layer, g, hyy)
+    c_norm, gn_norm = _norm(c_op, s), _norm(gn_op, s)
+    eps_effect = eps_size(layer)
+    scale = _scale_check(model, batches, name, model.get_submodule(name).lin.weight, measured, s, eps_effect)
+    scale["pass"] = scale["invariant"]
+    return _row(name, "simplenorm", measured, factors["bound"], c_norm.value / gn_norm.value, scale,
+                {**factors, "c_norm": c_norm.value, "gn_norm": gn_norm.value, "hyy_error": hyy_est.error,
+                 "eps_effect": eps_effect, "hvp_count": measured.hvp_count + hyy_est.hvp_count + gn_norm.hvp_count})
+
+
+def check_linear(model, batches, name: str, s: Settings, norm: str | None = None) -> dict:
+    """One row for a plain linear map: H_xx = W^T H_yy W exactly, so C = 0; bound ||W||^2 ||H_yy||.
+    With `norm` (the norm module feeding it) the pre-norm bound through that norm is added."""
+    module = model.get_submodule(name)
+    hyy = site_hessian(model, batches, f"{name}:out")
+    measured, hyy_est = hxx_norm(model, batches, name, s), _norm(hyy, s)
+    hyy_norm = hyy_est.value + hyy_est.error
+    bound = cf.linear_bound(module.weight.detach(), hyy_norm)
+    extra = {"weight_norm": cf.spectral_norm_2(module.weight.detach()), "hyy_norm": hyy_norm,
+             "hyy_error": hyy_est.error, "feeding_norm": norm, "prenorm_bound": None}
+    if norm is not None:
+        nm = model.get_submodule(norm)
+        g = hyy.gradient().view(-1, module.weight.shape[0])
+        extra["prenorm_bound"] = cf.prenorm_bound(
+            module_inputs(model, batches, norm), nm.weight.detach(), nm.eps, isinstance(nm, LayerNorm),
+            module.weight.detach(), g, hyy_norm)
+    scale = _scale_check(model, batches, name, module.weight, measured, s)
+    scale["pass"] = not scale["invariant"]  # a plain map is expected to change
+    return _row(name, "linear", measured, bound, 0.0, scale, extra)
+
+
+def is_violated(measured: float, error: float, bound: float) -> bool:
+    """A bound is violated when the measurement exceeds it by more than its error bar."""
+    return measured - error > bound
+
+
+def _row(name, kind, measured, bound, c_over_gn, scale, extra) -> dict:
+    value, error = measured.value, measured.error
+    return {"layer": name, "kind": kind, "measured": value, "measured_error": error,
+            "converged": measured.converged, "bound": bound, "ratio": bound / value if value else None,
+            "c_over_gn": c_over_gn, "scale_invariance": scale, "violated": is_violated(value, error, bound), **extra}
+
+
+def verify_bound(model: nn.Module, batches, pattern: str | None = None, settings: Settings = Settings(),
+                 progress=None) -> list[dict]:
+    """A row per layer (see the module docstring); `progress(name)` is called before each layer."""
+    model = float64_copy(model)
+    batches = list(batches)
+    layers = bound_layers(model, pattern)
+    norms = feeding_norms(model, batches[0]) if layers[0][1] == "linear" else {}
+    rows = []
+    for name, kind in layers:
+        if progress is not None:
+            progress(name)
+        if kind == "simplenorm":
+            rows.append(check_simplenorm(model, batches, name, settings))
+        else:
+            rows.append(check_linear(model, batches, name, settings, norms.get(name)))
+    return rows
