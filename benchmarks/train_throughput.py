@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) of every variant at one shape, and the wall time of a demo-sized run.
 
 Writes its section of BENCHMARKS.md between the train-throughput markers (other sections are left alone).
-Usage: python benchmarks/train_throughput.py [--device cpu] [--timed 10] [--skip-demo]
+Usage: python benchmarks/train_throughput.py [--device cpu] [--rounds 5] [--per-round 2] [--skip-demo]
 """
 
 import argparse
@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,29 +27,50 @@ BATCH = 16
 DEMO = dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=0)
 
 
-def tokens_per_second(arch: str, device: torch.device, warmup: int, timed: int) -> float:
-    """Mean tokens/s over `timed` AdamW steps (forward, backward, clip, step) after `warmup` untimed ones."""
-    spec = DataSpec()
-    splits = load_splits(spec)
-    torch.manual_seed(0)
-    cfg = GPTConfig(arch=arch, vocab_size=splits.tokenizer.vocab_size, **SHAPE)
-    model = build_model(cfg).to(device).train()
-    opt = make_optimizer(model, TrainConfig(arch=arch))
-    batches = [tuple(t.to(device) for t in training_batch(splits, spec, s, BATCH, SHAPE["seq_len"]))
-               for s in range(warmup + timed)]
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        loss = next_token_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return timed * BATCH * SHAPE["seq_len"] / (time.perf_counter() - t0)
+class Stepper:
+    """One variant at the benchmark shape with its AdamW optimizer and a fixed list of training batches."""
+
+    def __init__(self, arch: str, device: torch.device, n_batches: int):
+        spec = DataSpec()
+        splits = load_splits(spec)
+        torch.manual_seed(0)
+        cfg = GPTConfig(arch=arch, vocab_size=splits.tokenizer.vocab_size, **SHAPE)
+        self.device = device
+        self.model = build_model(cfg).to(device).train()
+        self.opt = make_optimizer(self.model, TrainConfig(arch=arch))
+        self.batches = [tuple(t.to(device) for t in training_batch(splits, spec, s, BATCH, SHAPE["seq_len"]))
+                        for s in range(n_batches)]
+        self.done = 0
+
+    def run(self, n: int) -> float:
+        """Tokens/s over n AdamW steps (forward, backward, clip, update)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            batch = self.batches[self.done % len(self.batches)]
+            loss = next_token_loss(self.model, batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.done += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return n * BATCH * SHAPE["seq_len"] / (time.perf_counter() - t0)
+
+
+def throughputs(device: torch.device, warmup: int, rounds: int, per_round: int) -> dict:
+    """{arch: median tokens/s}: after `warmup` untimed steps each, the variants take turns, `per_round`
+    timed steps per turn, so a change in machine load affects all of them alike."""
+    steppers = {arch: Stepper(arch, device, warmup + rounds * per_round) for arch in ARCHS}
+    for stepper in steppers.values():
+        stepper.run(warmup)
+    rates = {arch: [] for arch in ARCHS}
+    for _ in range(rounds):
+        for arch, stepper in steppers.items():
+            rates[arch].append(stepper.run(per_round))
+    return {arch: statistics.median(r) for arch, r in rates.items()}
 
 
 def demo_seconds(device: str) -> tuple[float, float]:
@@ -61,14 +83,15 @@ def demo_seconds(device: str) -> tuple[float, float]:
     return seconds, json.loads(loss)["loss"]
 
 
-def section(rates: dict, demo, device: torch.device, timed: int, load: tuple) -> str:
+def section(rates: dict, demo, device: torch.device, rounds: int, per_round: int, load: tuple) -> str:
     where = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}, {device}; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} "
              "at the end: a load above the core count means other processes shared the CPUs")
     lines = [START, "## Training throughput", "",
              f"`python benchmarks/train_throughput.py` ({where}). Shape: dim {SHAPE['dim']}, "
              f"{SHAPE['n_layers']} layers, {SHAPE['n_heads']} heads, seq {SHAPE['seq_len']}, batch {BATCH}; "
-             f"AdamW steps (forward, backward, clip, update), mean over {timed} timed steps after warm-up.", "",
+             f"AdamW steps (forward, backward, clip, update); the variants take turns, {per_round} timed steps each "
+             f"per round after warm-up, {rounds} rounds; median of the rounds.", "",
              "| variant | tokens/s | time vs llama2 |", "|---|---:|---:|"]
     for arch, rate in rates.items():
         lines.append(f"| {arch} | {rate:,.0f} | {rates['llama2'] / rate:.2f}x |")
@@ -94,18 +117,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--timed", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
     device = torch.device(args.device)
     load_start = os.getloadavg()[0]
-    rates = {}
-    for arch in ARCHS:
-        rates[arch] = tokens_per_second(arch, device, args.warmup, args.timed)
-        print(f"{arch:<16} {rates[arch]:>12,.0f} tokens/s", flush=True)
+    rates = throughputs(device, args.warmup, args.rounds, args.per_round)
+    for arch, rate in rates.items():
+        print(f"{arch:<16} {rate:>12,.0f} tokens/s", flush=True)
     demo = None if args.skip_demo else demo_seconds(args.device)
-    text = section(rates, demo, device, args.timed, (load_start, os.getloadavg()[0]))
+    text = section(rates, demo, device, args.rounds, args.per_round, (load_start, os.getloadavg()[0]))
     print(text)
     write_section(text, Path(args.out))
 

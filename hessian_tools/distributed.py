@@ -58,12 +58,16 @@ class DistributedOperator:
         if not hasattr(self.local, "total_weight"):
             raise UserError("the operator from make_op has no total_weight: expose the sum of its batch weights")
         self.shape, self.device, self.dtype = self.local.shape, self.local.device, self.local.dtype
-        self.mode = self.local.mode
         weight = torch.tensor([float(self.local.total_weight)], dtype=torch.float64, device=self.device)
         dist.all_reduce(weight, group=self.group)
         self.total_weight = float(weight)
         self._share = float(self.local.total_weight) / self.total_weight
         self.hvp_count = 0
+
+    @property
+    def mode(self) -> str:
+        """The local operator's HVP mode (resolved on its first product when it is "auto")."""
+        return self.local.mode
 
     def _reduce(self, local: torch.Tensor) -> torch.Tensor:
         out = (local.to(torch.float64) * self._share).contiguous()

@@ -79,12 +79,12 @@ def feeding_norms(model: nn.Module, batch) -> dict:
 
     def norm_hook(name):
         def hook(_module, _args, out):
-            outputs[id(out)] = name
+            outputs[id(out)] = (name, out)  # the tensor is kept so that its id is not reused
         return hook
 
     def linear_hook(name):
         def hook(_module, args):
-            fed[name] = outputs.get(id(args[0]))
+            fed[name] = outputs.get(id(args[0]), (None,))[0]
         return hook
 
     for name, module in model.named_modules():
@@ -139,10 +139,10 @@ def _norm(op, s: Settings):
     return est
 
 
-def simplenorm_parts(model: nn.Module, batches, name: str, hyy: ActivationHessian | None = None):
+def simplenorm_parts(model: nn.Module, batches, name: str):
     """(layer tensors, g = dl/dy rows, H_yy operator) of SimpleNorm `name` on the batches (model in float64)."""
     module = model.get_submodule(name)
-    hyy = hyy or site_hessian(model, batches, f"{name}:out")
+    hyy = site_hessian(model, batches, f"{name}:out")
     layer = cf.SimpleNormLayer(module_inputs(model, batches, name), module.lin.weight.detach(),
                                module.norm.weight.detach(), module.norm.eps)
     g = hyy.gradient().view(-1, layer.d)

@@ -14,7 +14,7 @@ def add_parser(subparsers, name):
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (DIR/{arch}/lr_{lr}/)")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     add_model_flags(p, skip=("arch",))
-    add_train_flags(p)
+    add_train_flags(p, skip=("lr",))
     p.set_defaults(run=run)
 
 
@@ -22,8 +22,7 @@ def run(args) -> int:
     from models.lr_sweep import format_table, lr_sweep
     from models.train_config import TrainConfig
 
-    settings = train_settings(args, skip=("lr",))
-    settings.setdefault("save_every", 0)
+    settings = train_settings(args)
     base = TrainConfig(**settings)
     record = lr_sweep(args.archs, args.lrs, args.out, base, progress=args.progress)
     print(format_table(record))

@@ -20,13 +20,15 @@ TRAIN_FLAGS = {
 DIVERGED_EXIT = 3
 
 
-def add_train_flags(parser):
+def add_train_flags(parser, skip=()):
     """The TrainConfig flags beyond the model shape (all default None = the TrainConfig default)."""
     from models.train_config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     group = parser.add_argument_group("training settings")
     for dest, (flag, type_, help_) in TRAIN_FLAGS.items():
+        if dest in skip:
+            continue
         group.add_argument(flag, dest=dest, type=type_, default=None, help=f"{help_} (default {defaults[dest]})")
 
 

@@ -41,7 +41,7 @@ class CurvatureOperator:
     def _cast(self, x: torch.Tensor, ndim: int) -> torch.Tensor:
         x = torch.as_tensor(x)
         n = self.shape[0]
-        if x.ndim != ndim or x.shape[0] != n or not (x.is_floating_point() or x.is_complex()):
+        if x.ndim != ndim or x.shape[0] != n or not x.is_floating_point():
             want = f"({n},)" if ndim == 1 else f"({n}, k)"
             raise UserError(f"expected a float tensor of shape {want}, got {x.dtype} {tuple(x.shape)}")
         return x.to(device=self.device, dtype=self.dtype)

@@ -36,6 +36,11 @@ class BatchOperator(CurvatureOperator):
         self._engines, self._mode, self.mode_timings = None, None, None
 
     @property
+    def total_weight(self) -> float:
+        """The raw sum of the batch weights (loss terms): what `DistributedOperator` weights ranks by."""
+        return float(sum(self.loss_terms))
+
+    @property
     def mode(self) -> str:
         """The product mode that runs ("auto" until the first product resolves it)."""
         return self._mode or self.requested_mode
@@ -100,7 +105,8 @@ class BatchOperator(CurvatureOperator):
             off, size = self.space.blocks[b]
             x = self.space.point(b)
             if shift is not None:
-                delta = unflatten(shift[off : off + size].to(device=self.device, dtype=self.dtype), self.space.block_shapes(b))
+                part = shift[off : off + size].to(device=self.device, dtype=self.dtype)
+                delta = unflatten(part, self.space.block_shapes(b))
                 x = tuple(p + d for p, d in zip(x, delta))
             out[off : off + size] += flatten(self._gradient(b, x))
         return out.to(torch.float64)

@@ -47,7 +47,7 @@ def has_active_dropout(model: nn.Module) -> bool:
 def private_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A deep copy in eval mode, cast to `dtype`, with gradients off; the user's model is never touched."""
     if model.training and has_active_dropout(model):
-        warnings.warn("model is in train mode with active dropout; the curvature is computed in eval mode (dropout off)")
+        warnings.warn("model is in train mode with active dropout; the curvature is computed in eval mode")
     twin = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     twin.requires_grad_(False)
     return twin

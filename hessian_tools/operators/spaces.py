@@ -106,7 +106,9 @@ class ParamSpace:
         return f
 
     def describe(self) -> dict:
-        selection = self.selection if self.selection is None or isinstance(self.selection, str) else list(self.selection)
+        selection = self.selection
+        if selection is not None and not isinstance(selection, str):
+            selection = list(selection)
         return {"params": selection, "param_names": self.names, "convention": "flat vector = selected parameters "
                 "in named_parameters() order; operator = Hessian of the weighted mean loss over the batches"}
 

@@ -58,7 +58,7 @@ def launch_geometry(spec: NormSpec, x: torch.Tensor, *others) -> Launch:
     N = x.shape[-1]
     lead_shape = x.shape[: spec.lead]
     G = math.prod(lead_shape)
-    rows_per_group = x.numel() // (N * G)
+    rows_per_group = x.numel() // max(N * G, 1)
     if x.is_cuda:
         programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:

@@ -1,0 +1,62 @@
+"""`hessian-tools spectrum CKPT`: extreme Hessian eigenvalues (Lanczos or power iteration) with certified bounds.
+
+Parameter space (all parameters or `--params REGEX`) or activation space at `--site`; the Hessian of the mean
+next-token loss over the measurement batches. Lanczos stops when every wanted Ritz pair has a residual
+<= tol * |theta|; the error is that residual bound. Power iteration finds the largest-magnitude eigenvalues.
+"""
+
+from hessian_tools.cli.measure_common import add_measure_flags
+
+WHICH = ("largest", "smallest", "both", "magnitude")
+
+
+def add_parser(subparsers, name):
+    p = subparsers.add_parser(name, help="extreme Hessian eigenvalues with certified error bounds",
+                              description=__doc__.splitlines()[0])
+    g = p.add_argument_group("estimator")
+    g.add_argument("--method", choices=("lanczos", "power"), default="lanczos", help="default lanczos")
+    g.add_argument("--k", type=int, default=1, help="eigenvalues wanted (at each end for --which both; default 1)")
+    g.add_argument("--which", choices=WHICH, default=None,
+                   help="default largest (lanczos) / magnitude (power, which finds only those)")
+    g.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance (default 1e-6)")
+    g.add_argument("--max-iter", type=int, default=None,
+                   help="HVP limit (default: lanczos min(n, 100 + 10 k); power 1000 per eigenvalue)")
+    add_measure_flags(p)
+    p.set_defaults(run=run)
+
+
+def estimator(args):
+    """op -> Estimate for the flags (a partial of lanczos or power_iteration)."""
+    import functools
+
+    from hessian_tools.errors import UserError
+    from hessian_tools.estimators import lanczos, power_iteration
+
+    if args.method == "power":
+        if args.which not in (None, "magnitude"):
+            raise UserError(f"--method power finds the largest-magnitude eigenvalues only; use --which magnitude "
+                            f"or --method lanczos for --which {args.which}")
+        limit = {} if args.max_iter is None else {"max_iter": args.max_iter}
+        return functools.partial(power_iteration, k=args.k, tol=args.tol, seed=args.seed, **limit)
+    return functools.partial(lanczos, k=args.k, which=args.which or "largest", tol=args.tol, max_iter=args.max_iter,
+                             seed=args.seed)
+
+
+def table(record) -> list[str]:
+    from hessian_tools.cli.measure_common import summary_lines
+
+    lines = summary_lines(record)
+    p = record.payload
+    if len(p.get("eigenvalues", [])) > 1:
+        lines.append("eigenvalues    " + ", ".join(f"{v:.8g} +- {r:.2g}" for v, r in zip(p["eigenvalues"],
+                                                                                        p["residuals"])))
+    return lines
+
+
+def run(args) -> int:
+    from hessian_tools.cli.measure_common import prepare
+
+    est = estimator(args)  # flag errors before the (slow) load
+    m = prepare(args)
+    record = m.run(est, f"spectrum ({args.method})")
+    return m.finish(record, table, m.spread(est, "spectrum"))

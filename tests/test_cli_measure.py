@@ -1,0 +1,227 @@
+"""`spectrum`, `trace` and `density` on a tiny saved checkpoint, against dense float64 Hessians.
+
+The references are built here, independently of hessian_tools.operators: the loss as a function of a flat
+float64 vector (a parameter subset, or a perturbation added at an activation site by a hook), its Hessian
+row by row by double backward of unit vectors, confirmed on two columns by central differences.
+"""
+
+import copy
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hessian_tools.cli import main
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.config import GPTConfig
+from models.data import CharTokenizer, DataSpec
+from models.gpt import build_model, math_attention, next_token_loss
+
+PARAMS = r"layers\.0\.attention\.snq\."  # 272 parameters: a dense reference stays cheap
+SITE = "layers.0.feed_forward:in"  # 2 x 8 x 16 = 256 activations per batch
+DATA = ["--batches", "2", "--batch-size", "2", "--seed", "3"]
+EXACT = ["--dtype", "float64", "--mode", "double-backward"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """A simplegpt (dim 16, 1 layer, context 8) checkpoint with its own 7-character corpus."""
+    root = tmp_path_factory.mktemp("ckpt")
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdef ") for _ in range(3000))
+    (root / "corpus.txt").write_text(text)
+    tokenizer = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch="simplegpt", vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2, seq_len=8,
+                    ffn_hidden=16)
+    meta = {"data": DataSpec(path=str(root / "corpus.txt")).to_dict(), "tokenizer": tokenizer.to_dict()}
+    return save_checkpoint(root / "run", 5, build_model(cfg), None, meta)
+
+
+def batches_of(path):
+    ckpt = load_checkpoint(path)
+    return ckpt.model, ckpt.measurement_batches(2, 2, seed=3)
+
+
+def dense_hessian(f, x0, step=1e-5):
+    """Hessian of scalar f at flat float64 x0 by double backward of unit vectors, checked by differences."""
+    x = x0.clone().requires_grad_(True)
+    with math_attention():
+        g = torch.autograd.grad(f(x), x, create_graph=True)[0]
+        rows = torch.stack([torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(x.numel())])
+
+        def grad_at(y):
+            y = y.clone().requires_grad_(True)
+            return torch.autograd.grad(f(y), y)[0]
+
+        for i in (0, x.numel() - 1):
+            e = torch.zeros_like(x0)
+            e[i] = step
+            fd = (grad_at(x0 + e) - grad_at(x0 - e)) / (2 * step)
+            # O(step^2) truncation and O(eps / step) rounding: 1e-6 of the column's norm is ample
+            assert (fd - rows[:, i]).norm() <= 1e-6 * rows[:, i].norm(), f"double backward != differences at {i}"
+    return ((rows + rows.T) / 2).numpy()
+
+
+@pytest.fixture(scope="module")
+def dense_params(ckpt_dir):
+    return param_hessian(ckpt_dir)
+
+
+def param_hessian(path):
+    """Dense Hessian of the mean loss over the batches w.r.t. the PARAMS subset."""
+    model, batches = batches_of(path)
+    model = copy.deepcopy(model).double()
+    fixed = {k: v.detach() for k, v in model.named_parameters()}
+    names = [k for k in fixed if re.search(PARAMS, k)]
+    sizes = [fixed[k].numel() for k in names]
+
+    def f(theta):
+        sub = {k: t.view_as(fixed[k]) for k, t in zip(names, theta.split(sizes))}
+        # equal batch sizes: the mean over batches is the mean over their union
+        return sum(next_token_loss(lambda i: torch.func.functional_call(model, {**fixed, **sub}, (i,)), b)
+                   for b in batches) / len(batches)
+
+    return dense_hessian(f, torch.cat([fixed[k].reshape(-1) for k in names]))
+
+
+def activation_hessian(path):
+    """Dense Hessian of batch 0's mean loss w.r.t. the input of layers.0.feed_forward (one batch)."""
+    model, batches = batches_of(path)
+    model = copy.deepcopy(model).double()
+    module = model.get_submodule(SITE.split(":")[0])
+    shape = (2, 8, 16)
+
+    def f(delta):
+        handle = module.register_forward_pre_hook(lambda mod, args: (args[0] + delta.view(shape),) + args[1:])
+        try:
+            return next_token_loss(model, batches[0])
+        finally:
+            handle.remove()
+
+    return dense_hessian(f, torch.zeros(int(np.prod(shape)), dtype=torch.float64))
+
+
+def run_json(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_spectrum_params_matches_dense_hessian(ckpt_dir, dense_params, capsys):
+    top = np.linalg.eigvalsh(dense_params)[-1]
+    rec, err = run_json(capsys, "spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-10", "--json",
+                        *DATA, *EXACT)
+    assert rec["quantity"] == "lambda_max" and rec["converged"] and rec["status"] == "ok"
+    assert rec["value"] == pytest.approx(top, rel=1e-6)
+    assert abs(rec["value"] - top) <= rec["error"] + 1e-12 * abs(top)  # the certified bound holds
+    assert rec["settings"]["operator"]["n"] == 272 and rec["settings"]["operator"]["mode"] == "double-backward"
+    assert rec["settings"]["self_check"]["symmetry_rel"] < 1e-8
+    prov = rec["provenance"]
+    assert (prov["arch"], prov["step"], prov["n_batches"], prov["seq_len"]) == ("simplegpt", 5, 2, 8)
+    assert prov["checkpoint"] == str(ckpt_dir) and prov["version"]
+    assert "self-check" in err  # the guard's result goes to stderr
+
+
+def test_spectrum_activation_site_matches_dense_hessian(ckpt_dir, capsys):
+    eigs = np.linalg.eigvalsh(activation_hessian(ckpt_dir))
+    argv = ["spectrum", str(ckpt_dir), "--site", SITE, "--which", "both", "--tol", "1e-10", "--json",
+            "--batches", "1", "--batch-size", "2", "--seed", "3", *EXACT]
+    rec, _ = run_json(capsys, *argv)
+    assert rec["settings"]["operator"]["kind"] == "activation" and rec["settings"]["operator"]["site"] == SITE
+    top, bottom = rec["payload"]["eigenvalues"]
+    assert top == pytest.approx(eigs[-1], rel=1e-6)
+    assert bottom == pytest.approx(eigs[0], rel=1e-6, abs=1e-9 * abs(eigs[-1]))
+    # the human table: value, error kind, convergence, cost and mode
+    assert main([a for a in argv if a != "--json"]) == 0
+    table = capsys.readouterr().out
+    assert "residual-bound" in table and "HVPs" in table and "double-backward" in table
+
+
+@pytest.mark.parametrize("method, samples", [("hutchinson", 200), ("hutchpp", 60)])
+def test_trace_within_three_standard_errors(ckpt_dir, dense_params, capsys, method, samples):
+    exact = float(np.trace(dense_params))
+    rec, _ = run_json(capsys, "trace", str(ckpt_dir), "--params", PARAMS, "--method", method, "--samples",
+                      str(samples), "--json", *DATA, *EXACT)
+    assert rec["quantity"] == "trace" and rec["error_kind"] == "standard-error" and rec["hvp_count"] == samples
+    assert 0 < rec["error"] and abs(rec["value"] - exact) <= 3 * rec["error"]
+
+
+def test_data_spread_and_power(ckpt_dir, capsys):
+    rec, _ = run_json(capsys, "spectrum", str(ckpt_dir), "--params", PARAMS, "--method", "power", "--tol", "1e-4",
+                      "--data-spread", "2", "--json", *DATA, *EXACT)
+    spread = rec["data_spread"]
+    assert rec["quantity"] == "lambda_absmax" and spread["error_kind"] == "group-std"
+    assert len(spread["payload"]["group_values"]) == 2 and spread["error"] > 0
+
+
+def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
+    out = tmp_path / "density.png"
+    rec, _ = run_json(capsys, "density", str(ckpt_dir), "--params", PARAMS, "--out", str(out), "--probes", "3",
+                      "--iter", "20", "--grid", "-1", "5", "51", "--width", "0.1", "--json", *DATA, *EXACT)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == rec and len(rec["payload"]["grid"]) == 51 and rec["payload"]["width"] == 0.1
+    assert rec["payload"]["moments"][0] == pytest.approx(1.0, rel=1e-12)  # quadrature weights sum to 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["spectrum", "{ckpt}", "--site", "layers.0.nowhere:out"], "valid sites: tok_embeddings:out"),
+    (["spectrum", "{missing}"], "no such checkpoint"),
+    (["spectrum", "{ckpt}", "--space", "activation"], "needs --site"),
+    (["spectrum", "{ckpt}", "--method", "power", "--which", "smallest"], "--which magnitude"),
+    (["trace", "{ckpt}", "--method", "hutchpp", "--target-std-error", "1"], "hutchinson only"),
+    (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
+])
+def test_bad_input_is_one_line_and_exit_2(ckpt_dir, tmp_path, capsys, argv, message):
+    argv = [a.format(ckpt=ckpt_dir, missing=tmp_path / "missing") for a in argv]
+    assert main(argv + ["--batch-size", "1", "--mode", "double-backward"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("hessian-tools")]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_console_script_prints_one_json_object(ckpt_dir):
+    exe = shutil.which("hessian-tools", path=str(Path(sys.executable).parent)) or "hessian-tools"
+    proc = subprocess.run([exe, "trace", str(ckpt_dir), "--params", PARAMS, "--samples", "4", "--json", *DATA,
+                           "--mode", "double-backward"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["quantity"] == "trace" and rec["provenance"]["command"] == "trace"
+    assert "self-check" in proc.stderr and "HVP" in proc.stderr  # guard and progress on stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
+    # 3 batches over 2 ranks: uneven shares, so the weighting of the all-reduce must be exact
+    argv = ["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-10", "--which", "both", "--json",
+            "--batches", "3", "--batch-size", "2", "--seed", "3", *EXACT]
+    single, _ = run_json(capsys, *argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "-m", "hessian_tools", *argv, "--distributed"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # only rank 0 prints
+    dist = json.loads(lines[0])
+    assert dist["provenance"]["world_size"] == 2 and dist["settings"]["operator"]["world_size"] == 2
+    np.testing.assert_allclose(dist["payload"]["eigenvalues"], single["payload"]["eigenvalues"], rtol=1e-8)
+    assert dist["settings"]["operator"]["total_weight"] == 3 * 2 * 8

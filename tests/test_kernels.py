@@ -1,0 +1,236 @@
+"""Fused Triton norms (models.kernels) against the reference norms of models.norms (backend "torch").
+
+On CPU the kernels run in the Triton interpreter (about 1 ms per program), so shapes stay tiny. fp64 checks use
+gradcheck's fast mode (a random projection of the Jacobian, against central differences) to stay cheap.
+"""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+from torch.func import grad, hessian, jacfwd, jvp, vjp, vmap
+
+from models import build_model, math_attention, next_token_loss
+from models.config import GPTConfig
+from models.kernels import _common, layer_norm, rms_norm
+from models.norms import layer_norm as ref_layer_norm
+from models.norms import rms_norm as ref_rms_norm
+
+EPS = 1e-5
+F64 = dict(dtype=torch.float64)
+
+
+def kernel_and_reference(op: str, affine: bool, N: int, seed: int = 0):
+    """(kernel f, reference f, params): f(x, *params) with params = (w, b) / (w,) / () as the op takes them."""
+    g = torch.Generator().manual_seed(seed)
+    params = (torch.randn(N, generator=g, **F64), torch.randn(N, generator=g, **F64)) if affine else ()
+    if op == "rms":
+        params = params[:1]
+        kern = lambda x, *p: rms_norm(x, p[0] if p else None, EPS)  # noqa: E731
+        ref = lambda x, *p: ref_rms_norm(x, p[0] if p else None, EPS)  # noqa: E731
+    else:
+        kern = lambda x, *p: layer_norm(x, *(p or (None, None)), EPS)  # noqa: E731
+        ref = lambda x, *p: ref_layer_norm(x, *(p or (None, None)), EPS)  # noqa: E731
+    return kern, ref, params
+
+
+@pytest.fixture
+def small_block(monkeypatch):
+    """Force the chunked path: rows wider than 8 features loop over chunks of 8."""
+    monkeypatch.setattr(_common, "MAX_BLOCK", 8)
+
+
+CASES = [(op, affine) for op in ("rms", "ln") for affine in (True, False)]
+
+
+@pytest.mark.parametrize("op,affine", CASES)
+@pytest.mark.parametrize("N", [1, 7, 32, 33])
+def test_gradcheck_and_gradgradcheck(op, affine, N):
+    kern, _, params = kernel_and_reference(op, affine, N)
+    x = torch.randn(3, N, **F64)
+    inputs = tuple(t.requires_grad_() for t in (x, *params))
+    assert torch.autograd.gradcheck(kern, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(kern, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("op,affine", CASES)
+def test_chunked_rows_gradgradcheck(op, affine, small_block):
+    kern, ref, params = kernel_and_reference(op, affine, 37)
+    x = torch.randn(5, 37, **F64)  # 5 chunks of 8, the last one masked; 5 rows over 4 programs
+    torch.testing.assert_close(kern(x, *params), ref(x, *params), rtol=1e-12, atol=1e-12)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, *params))
+    assert torch.autograd.gradgradcheck(kern, inputs, fast_mode=True)
+
+
+def test_third_derivative_through_composite_path():
+    """Derivatives of the double backward (third order) go through the plain-torch composite."""
+    kern, _, params = kernel_and_reference("ln", True, 6)
+    x = torch.randn(2, 6, **F64)
+    inputs = tuple(t.requires_grad_() for t in (x, *params))
+
+    def second(x, w, b):
+        y = kern(x, w, b)
+        (gx,) = torch.autograd.grad((y.sin() * y).sum(), x, create_graph=True)
+        return gx
+
+    assert torch.autograd.gradgradcheck(second, inputs, fast_mode=True)
+
+
+def plain_layer_norm(x, w=None, b=None):
+    """LayerNorm in elementary torch ops (no F.layer_norm), for forward-over-forward reference Hessians."""
+    z = x - x.mean(-1, keepdim=True)
+    y = z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + EPS)
+    return y if w is None else y * w + b
+
+
+def scalar(f):
+    """A non-quadratic scalar of the norm output, so that Hessians see its second derivative."""
+    return lambda x, *p: (f(x, *p).sin() * torch.linspace(-1, 1, x.shape[-1], **F64)).sum()
+
+
+@pytest.mark.parametrize("op,affine", CASES)
+def test_torch_func_compositions_match_reference(op, affine):
+    kern, ref, params = kernel_and_reference(op, affine, 5)
+    x, tx = torch.randn(3, 5, **F64), torch.randn(3, 5, **F64)
+    fk, fr = scalar(kern), scalar(ref)
+    argnums = tuple(range(1 + len(params)))
+    primals, tangents = (x, *params), (tx, *(torch.randn_like(p) for p in params))
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # noqa: E731
+
+    close(grad(fk, argnums)(*primals), grad(fr, argnums)(*primals))
+    close(jvp(kern, primals, tangents), jvp(ref, primals, tangents))
+    dy = torch.randn(3, 5, **F64)
+    close(vjp(kern, *primals)[1](dy), vjp(ref, *primals)[1](dy))
+    close(vmap(kern, in_dims=(0, *[None] * len(params)))(x, *params), ref(x, *params))
+    # forward over reverse and reverse over reverse (Hessian-vector products)
+    hvp_k = jvp(lambda *a: grad(fk, argnums)(*a), primals, tangents)[1]
+    hvp_r = jvp(lambda *a: grad(fr, argnums)(*a), primals, tangents)[1]
+    close(hvp_k, hvp_r)
+    close(vjp(lambda *a: grad(fk, argnums)(*a), *primals)[1](tangents), hvp_r)
+    # dense Hessian (jacfwd over jacrev) against forward-over-forward of plain ops: PyTorch's own F.layer_norm
+    # gets both jacfwd(jacfwd) (x-x block) and hessian (w-x block) wrong by O(1) here (measured)
+    fp = scalar(plain_layer_norm) if op == "ln" else fr
+    close(hessian(fk, argnums)(*primals), jacfwd(jacfwd(fp, argnums), argnums)(*primals))
+
+
+@pytest.mark.parametrize("op", ["rms", "ln"])
+def test_vmap_over_weights_and_per_sample_gradients(op):
+    """Batched weights (vmap over w) and per-sample gradients keep one weight gradient per vmap element."""
+    kern, ref, params = kernel_and_reference(op, True, 4)
+    x = torch.randn(3, 2, 4, **F64)
+    ws = torch.randn(3, 4, **F64)
+    in_dims = (0, 0) + (None,) * (len(params) - 1)
+    torch.testing.assert_close(
+        vmap(kern, in_dims=in_dims)(x, ws, *params[1:]), vmap(ref, in_dims=in_dims)(x, ws, *params[1:])
+    )
+    fk, fr = scalar(kern), scalar(ref)
+    per_sample = lambda f: vmap(grad(f, (0, 1)), in_dims=(0,) + (None,) * len(params))(x, *params)  # noqa: E731
+    torch.testing.assert_close(per_sample(fk), per_sample(fr), rtol=1e-10, atol=1e-12)
+
+
+def model_pair(arch: str, dtype=torch.float64):
+    """Two copies of one tiny model, with the fused and the reference norms, and a batch."""
+    models = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        cfg = GPTConfig(arch=arch, vocab_size=32, dim=16, n_layers=1, n_heads=2, seq_len=4, norm_backend=backend)
+        models.append(build_model(cfg).to(dtype))
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 32, (1, 4), generator=g)
+    targets = torch.randint(0, 32, (1, 4), generator=g)
+    return models, (idx, targets)
+
+
+def hvps(model, batch, v):
+    """The HVP of the mean next-token loss in the engine's three modes: rev-rev, fwd-rev, double backward."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    loss = lambda p: next_token_loss(lambda idx: torch.func.functional_call(model, p, (idx,)), batch)  # noqa: E731
+    with math_attention():
+        rev_rev = vjp(grad(loss), params)[1](v)[0]
+        fwd_rev = jvp(grad(loss), (params,), (v,))[1]
+        live = list(model.parameters())
+        grads = torch.autograd.grad(next_token_loss(model, batch), live, create_graph=True)
+        double = dict(zip(params, torch.autograd.grad(grads, live, [v[k] for k in params])))
+    return rev_rev, fwd_rev, double
+
+
+@pytest.mark.parametrize("arch,kernel", [("simplegpt", "rms_norm"), ("llama2", "rms_norm"), ("gpt2", "layer_norm")])
+def test_model_hvp_matches_reference_and_uses_fused_double_backward(arch, kernel):
+    (fused, reference), batch = model_pair(arch)
+    g = torch.Generator().manual_seed(2)
+    v = {k: torch.randn(p.shape, generator=g, **F64) for k, p in reference.named_parameters()}
+    before = _common.LAUNCHES[f"{kernel}.bwd2"]
+    got = hvps(fused, batch, v)
+    launched = _common.LAUNCHES[f"{kernel}.bwd2"] - before
+    want = hvps(reference, batch, v)[2]
+    for mode in got:
+        for k in want:
+            torch.testing.assert_close(mode[k], want[k], rtol=1e-9, atol=1e-12, msg=k)
+    n_norms = sum(isinstance(m, (torch.nn.Module)) and type(m).__name__ in ("RMSNorm", "LayerNorm")
+                  for m in fused.modules())  # fmt: skip
+    assert launched >= 3 * n_norms  # every norm ran the fused double backward in each of the three modes
+
+
+def dtype_errors(f_kernel, f_ref, inputs, dtype):
+    """Max abs error of the fused kernel and of the reference, both in `dtype`, against the reference in fp64."""
+
+    def outputs(f, dt):
+        args = [t.to(dt).requires_grad_() for t in inputs]
+        y = f(*args)
+        dy = torch.cos(torch.arange(y.numel(), dtype=dt).reshape(y.shape))
+        grads = torch.autograd.grad(y, args, dy, create_graph=True)
+        second = torch.autograd.grad(sum((g.float() * g.float()).sum() for g in grads), args, allow_unused=True)
+        return [t.double() for t in (y, *grads, *second) if t is not None]  # db does not depend on anything
+
+    exact = outputs(f_ref, torch.float64)
+    err = lambda outs: [(o - e).abs().max().item() for o, e in zip(outs, exact)]  # noqa: E731
+    return err(outputs(f_kernel, dtype)), err(outputs(f_ref, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["rms", "ln"])
+def test_low_precision_within_pytorch_error(op, dtype):
+    """Forward, both gradients and the double backward at 256 rows; error at most 2x PyTorch's own (+ slack)."""
+    kern, ref, params = kernel_and_reference(op, True, 24)
+    x = 3 * torch.randn(256, 24, **F64) + 1
+    kernel_err, torch_err = dtype_errors(kern, ref, (x, *params), dtype)
+    unit = torch.finfo(dtype).eps
+    for k, t in zip(kernel_err, torch_err):
+        assert k <= 2 * t + 64 * unit, (kernel_err, torch_err)
+
+
+def load_benchmark():
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "norm_kernels.py"
+    spec = importlib.util.spec_from_file_location("norm_kernels_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_byte_counts():
+    """The GPU benchmark imports on CPU and counts the bytes of each pass explicitly."""
+    bench = load_benchmark()
+    M, N, s = 1000, 4096, 2
+    # rows: x -> y; x, dy -> dx; x, dy, u -> dx2, ddy.  vectors: w (b); w, dw (db); w, v, dw2 (s)
+    assert bench.bytes_moved("rms_norm", "fwd", M, N, s) == (2 * M + 1) * N * s
+    assert bench.bytes_moved("rms_norm", "bwd", M, N, s) == (3 * M + 2) * N * s
+    assert bench.bytes_moved("rms_norm", "bwd2", M, N, s) == (5 * M + 3) * N * s
+    assert bench.bytes_moved("layer_norm", "bwd2", M, N, s) == (5 * M + 4) * N * s
+
+
+def test_benchmark_writes_only_its_section(tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / "BENCHMARKS.md"
+    bench.write_section(out, "first")
+    out.write_text(out.read_text() + "\nafter\n")
+    bench.write_section(out, "second")
+    text = out.read_text()
+    assert "second" in text and "first" not in text and text.endswith("after\n") and text.count(bench.START) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU exit path")
+def test_benchmark_refuses_to_run_without_cuda(tmp_path, capsys):
+    bench = load_benchmark()
+    assert bench.main(["--widths", "1024", "--out", str(tmp_path / "B.md")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "B.md").exists()

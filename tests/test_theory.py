@@ -1,0 +1,222 @@
+"""theory/: closed forms against independent autograd references, every numerical check, verify-bound.
+
+Tiny float64 models (dim <= 32, one block, seq <= 8). References for the closed forms are dense Hessians from
+jacfwd(grad(f)), confirmed by central differences of the gradient.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hessian_tools.cli import main
+from models.checkpoint import load_checkpoint
+from models.config import GPTConfig
+from models.gpt import build_model
+from models.norms import SimpleNorm
+from models.train import TrainConfig, train
+from theory import checks
+from theory import closed_forms as cf
+from theory import verify as vb
+
+TINY = dict(vocab_size=16, dim=16, n_layers=1, n_heads=2, seq_len=8, norm_backend="torch")
+
+
+def tiny(arch="simplegpt", seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(GPTConfig(arch=arch, **{**TINY, **kw})).double()
+
+
+def batch(seed=0, b=2, t=8, vocab=16):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, t), generator=gen), torch.randint(0, vocab, (b, t), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def layer_and_module():
+    torch.manual_seed(1)
+    module = SimpleNorm(5, 4, eps=1e-3).double()
+    with torch.no_grad():
+        module.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    layer = cf.SimpleNormLayer(x, module.lin.weight.detach(), module.norm.weight.detach(), module.norm.eps)
+    return layer, module
+
+
+def test_closed_form_forward_and_jacobian_match_autograd(layer_and_module):
+    layer, module = layer_and_module
+    x = layer.x
+    torch.testing.assert_close(layer.output(), module(x), rtol=1e-13, atol=0)
+    v, w = torch.randn_like(x), torch.randn(3, 4, dtype=torch.float64)
+    _, jv = torch.func.jvp(module, (x,), (v,))
+    _, pullback = torch.func.vjp(module, x)
+    torch.testing.assert_close(cf.jvp(layer, v), jv, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cf.vjp(layer, w), pullback(w)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_curvature_matches_dense_hessian_of_linear_loss(layer_and_module):
+    """l(x) = sum_t g_t . y_t has H_yy = 0, so its Hessian is exactly C (block diagonal over tokens)."""
+    layer, module = layer_and_module
+    g = torch.randn(3, 4, dtype=torch.float64)
+    f = lambda x: (g * module(x.view(3, 5))).sum()  # noqa: E731
+    x = layer.x.reshape(-1)
+    dense = torch.func.jacfwd(torch.func.grad(f))(x)
+    h = 1e-5
+    diffs = torch.stack([(torch.func.grad(f)(x + h * e) - torch.func.grad(f)(x - h * e)) / (2 * h)
+                         for e in torch.eye(15, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(dense, diffs, rtol=1e-6, atol=1e-7)  # the reference is right
+    closed = torch.stack([cf.curvature_matvec(layer, g, e.view(3, 5)).reshape(-1)
+                          for e in torch.eye(15, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(closed, dense, rtol=1e-11, atol=1e-12)
+
+
+def test_curvature_matrix_norm_and_worst_case():
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(6, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    v = cf.worst_case_v(u, torch.randn(6, generator=gen, dtype=torch.float64))
+    assert abs(float(u @ v) - 1 / math.sqrt(3)) < 1e-14 and abs(float(v.norm()) - 1) < 1e-14
+    eig = torch.linalg.eigvalsh(cf.curvature_matrix(u, v))
+    assert abs(float(eig.max()) - cf.TWO_OVER_SQRT3) < 1e-13
+    assert abs(float(eig.min()) + 1 / math.sqrt(3)) < 1e-13
+    assert abs(float(cf.curvature_matrix_norm(u, v)) - cf.TWO_OVER_SQRT3) < 1e-13
+
+
+def test_check_m_constant():
+    result = checks.check_m_constant(n_draws=400)
+    assert result["pass"], result
+    assert result["max_random"] <= cf.TWO_OVER_SQRT3 < result["max_random"] + 0.05
+
+
+@pytest.mark.parametrize("arch,name", [("simplegpt", "layers.0.attention.snq"),
+                                       ("simplegpt", "layers.0.feed_forward.sn2"),
+                                       ("simplegpt_gpt2", "transformer.h.0.mlp.c_proj")])
+def test_check_split_is_exact(arch, name):
+    result = checks.check_split(tiny(arch), [batch(0), batch(1)], name)
+    assert result["pass"], result
+
+
+def test_split_detects_a_wrong_curvature(monkeypatch):
+    monkeypatch.setattr(cf, "curvature_matvec", lambda layer, g, v: torch.zeros_like(v))
+    result = checks.check_split(tiny(), [batch()], "layers.0.attention.snv")
+    assert not result["pass"] and result["max_rel_error"] > 1e-6
+
+
+def test_check_identities_exact_without_eps():
+    model = tiny(norm_eps=0.0)
+    for name in ("layers.0.attention.snk", "layers.0.feed_forward.sn3"):
+        result = checks.check_identities(model, [batch()], name)
+        assert result["pass"] and result["tol"] == 1e-9, result
+
+
+def test_check_identities_with_eps_report_its_size():
+    result = checks.check_identities(tiny(), [batch()], "layers.0.feed_forward.sn2")
+    assert result["pass"], result
+    # with eps > 0, ||J x_t|| / ||y_t|| = d eps / s_t^2 exactly (theory/simplenorm.md section 6)
+    assert result["jx_rel"] == pytest.approx(result["eps_effect"], rel=1e-10)
+
+
+def test_check_scale_invariance():
+    result = checks.check_scale_invariance(tiny("simplegpt"), "layers.0.attention.sno", tiny("llama2"),
+                                           "layers.0.attention.wo", [batch()])
+    assert result["pass"], result
+    assert abs(result["linear_ratio"] - 1) > 0.5
+
+
+def test_check_gn_dominance():
+    models = {d: tiny(dim=d, n_heads=2) for d in (8, 32)}
+    result = checks.check_gn_dominance(models, [batch(b=1)])
+    assert result["pass"], result
+    assert set(result["per_width"]) == {8, 32}
+
+
+def test_check_lr_link():
+    model = tiny(vocab_size=8, dim=8)
+    b = checks.finite_minimum_batch(8, 8)
+    assert checks.fit_batch(model, b) - math.log(8) < 1e-4
+    result = checks.check_lr_link(model, b, steps=40)
+    assert result["pass"], result
+    for f in ("1.9", "2.1"):  # the quadratic model predicts the oscillation's growth
+        run = result["runs"][f]
+        assert run["oscillation_growth"] == pytest.approx(run["quadratic_prediction"], rel=0.5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny SimpleGPT trained 20 steps with AdamW: its latest checkpoint directory."""
+    run_dir = tmp_path_factory.mktemp("theory") / "run"
+    cfg = TrainConfig(arch="simplegpt", dim=16, n_layers=1, n_heads=2, seq_len=8, batch_size=4, steps=20,
+                      save_every=0, norm_backend="torch", device="cpu")
+    assert train(cfg, run_dir, progress=False).status == "completed"
+    return run_dir
+
+
+def test_check_adam_sharpness(trained):
+    ckpt = load_checkpoint(trained)
+    result = checks.check_adam_sharpness(ckpt, ckpt.measurement_batches(1, 2))
+    assert result["pass"], result
+    assert result["preconditioned_sharpness"] > 0
+    assert result["threshold_peak"] == pytest.approx(38 / result["lr_peak"])
+
+
+@pytest.mark.parametrize("arch", ["simplegpt", "simplegpt_gpt2", "llama2", "llama2_qknorm", "gpt2"])
+def test_verify_bound_holds_on_every_layer(arch):
+    model = tiny(arch)
+    rows = vb.verify_bound(model, [batch()])
+    expected = [n for n, m in model.named_modules() if isinstance(m, SimpleNorm)]
+    if not expected:
+        expected = [n for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n.startswith(vb.BLOCK_PREFIXES)]
+    assert [r["layer"] for r in rows] == expected
+    for r in rows:
+        assert not r["violated"] and r["ratio"] >= 1 - 1e-6, r
+        assert r["scale_invariance"]["pass"], r
+        if r["kind"] == "linear" and r["feeding_norm"]:
+            assert r["prenorm_bound"] > 0
+
+
+def test_feeding_norms_find_the_pre_norms():
+    assert vb.feeding_norms(tiny("llama2"), batch()) == {
+        "layers.0.attention.wq": "layers.0.attention_norm", "layers.0.attention.wk": "layers.0.attention_norm",
+        "layers.0.attention.wv": "layers.0.attention_norm", "layers.0.feed_forward.w1": "layers.0.ffn_norm",
+        "layers.0.feed_forward.w3": "layers.0.ffn_norm", "output": "norm"}
+
+
+def test_verify_bound_flags_a_violated_bound(monkeypatch):
+    real = cf.simplenorm_bound
+
+    def shrunk(layer, g, hyy_norm):
+        out = real(layer, g, hyy_norm)
+        return {**out, "bound": out["bound"] * 1e-3}
+
+    monkeypatch.setattr(cf, "simplenorm_bound", shrunk)
+    rows = vb.verify_bound(tiny(), [batch()], pattern="snq")
+    assert [r["layer"] for r in rows] == ["layers.0.attention.snq"] and rows[0]["violated"]
+    assert vb.is_violated(1.0, 0.1, 0.95) is False and vb.is_violated(1.0, 0.01, 0.95) is True
+
+
+def test_cli_json_on_a_checkpoint(trained, capsys):
+    code = main(["verify-bound", str(trained), "--batch-size", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    ckpt = load_checkpoint(trained)
+    names = [n for n, m in ckpt.model.named_modules() if isinstance(m, SimpleNorm)]
+    assert [r["layer"] for r in out["layers"]] == names
+    for r in out["layers"]:
+        assert {"measured", "measured_error", "bound", "ratio", "c_over_gn", "scale_invariance"} <= set(r)
+        assert r["bound"] >= r["measured"] - r["measured_error"]
+
+
+def test_cli_exit_code_names_the_violated_layer(trained, capsys, monkeypatch):
+    real = cf.simplenorm_bound
+    monkeypatch.setattr(cf, "simplenorm_bound", lambda *a: {**real(*a), "bound": 0.0})
+    code = main(["verify-bound", str(trained), "--batch-size", "1", "--layers", "sn2"])
+    captured = capsys.readouterr()
+    assert code == 4
+    assert "layers.0.feed_forward.sn2" in captured.err and "VIOLATED" in captured.out
+
+
+def test_cli_bad_layer_regex(trained, capsys):
+    assert main(["verify-bound", str(trained), "--layers", "no_such_layer"]) == 2
+    assert "no layer matches" in capsys.readouterr().err
