@@ -42,11 +42,11 @@ class Stepper:
                         for s in range(n_batches)]
         self.done = 0
 
-    def run(self, n: int) -> float:
-        """Tokens/s over n AdamW steps (forward, backward, clip, update)."""
+    def run(self, n: int) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second of this process) over n AdamW steps."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             batch = self.batches[self.done % len(self.batches)]
             loss = next_token_loss(self.model, batch)
@@ -57,12 +57,14 @@ class Stepper:
             self.done += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return n * BATCH * SHAPE["seq_len"] / (time.perf_counter() - t0)
+        tokens = n * BATCH * SHAPE["seq_len"]
+        return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
 def throughputs(device: torch.device, warmup: int, rounds: int, per_round: int) -> dict:
-    """{arch: median tokens/s}: after `warmup` untimed steps each, the variants take turns, `per_round`
-    timed steps per turn, so a change in machine load affects all of them alike."""
+    """{arch: (median tokens per wall second, median tokens per CPU second)}: after `warmup` untimed steps
+    each, the variants take turns, `per_round` timed steps per turn, so a change in machine load affects all
+    of them alike. CPU time (summed over threads) is hardly affected by other processes sharing the cores."""
     steppers = {arch: Stepper(arch, device, warmup + rounds * per_round) for arch in ARCHS}
     for stepper in steppers.values():
         stepper.run(warmup)
@@ -70,17 +72,17 @@ def throughputs(device: torch.device, warmup: int, rounds: int, per_round: int) 
     for _ in range(rounds):
         for arch, stepper in steppers.items():
             rates[arch].append(stepper.run(per_round))
-    return {arch: statistics.median(r) for arch, r in rates.items()}
+    return {arch: tuple(statistics.median(x) for x in zip(*r)) for arch, r in rates.items()}
 
 
 def demo_seconds(device: str) -> tuple[float, float]:
-    """(wall seconds, final loss) of a simplegpt run of the demo size, checkpoint at the end included."""
+    """(wall seconds, CPU seconds, final loss) of a simplegpt run of the demo size, final checkpoint included."""
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train(TrainConfig(arch="simplegpt", device=device, **DEMO), tmp, progress=False)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         loss = (Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1]
-    return seconds, json.loads(loss)["loss"]
+    return seconds, cpu_seconds, json.loads(loss)["loss"]
 
 
 def section(rates: dict, demo, device: torch.device, rounds: int, per_round: int, load: tuple) -> str:
@@ -92,15 +94,18 @@ def section(rates: dict, demo, device: torch.device, rounds: int, per_round: int
              f"{SHAPE['n_layers']} layers, {SHAPE['n_heads']} heads, seq {SHAPE['seq_len']}, batch {BATCH}; "
              f"AdamW steps (forward, backward, clip, update); the variants take turns, {per_round} timed steps each "
              f"per round after warm-up, {rounds} rounds; median of the rounds.", "",
-             "| variant | tokens/s | time vs llama2 |", "|---|---:|---:|"]
-    for arch, rate in rates.items():
-        lines.append(f"| {arch} | {rate:,.0f} | {rates['llama2'] / rate:.2f}x |")
-    lines += ["", f"SimpleGPT overhead over llama2 at equal shape: {rates['llama2'] / rates['simplegpt']:.2f}x "
-              f"the time per step; simplegpt_gpt2 over gpt2: {rates['gpt2'] / rates['simplegpt_gpt2']:.2f}x."]
+             "| variant | tokens/s (wall) | tokens per CPU-second | CPU time vs llama2 |", "|---|---:|---:|---:|"]
+    cpu = {arch: r[1] for arch, r in rates.items()}
+    for arch, (wall, per_cpu) in rates.items():
+        lines.append(f"| {arch} | {wall:,.0f} | {per_cpu:,.0f} | {cpu['llama2'] / per_cpu:.2f}x |")
+    lines += ["", f"SimpleGPT overhead over llama2 at equal shape (CPU time per step): "
+              f"{cpu['llama2'] / cpu['simplegpt']:.2f}x; simplegpt_gpt2 over gpt2: "
+              f"{cpu['gpt2'] / cpu['simplegpt_gpt2']:.2f}x."]
     if demo is not None:
         lines += ["", f"Demo-sized run (simplegpt, dim {DEMO['dim']}, {DEMO['n_layers']} layers, seq "
                   f"{DEMO['seq_len']}, batch {DEMO['batch_size']}, {DEMO['steps']} steps, one checkpoint): "
-                  f"{demo[0]:.1f} s wall, final training loss {demo[1]:.3f}."]
+                  f"{demo[0]:.1f} s wall, {demo[1]:.1f} CPU-seconds over {torch.get_num_threads()} threads, final "
+                  f"training loss {demo[2]:.3f}."]
     lines.append(END)
     return "\n".join(lines)
 
@@ -125,8 +130,8 @@ def main():
     device = torch.device(args.device)
     load_start = os.getloadavg()[0]
     rates = throughputs(device, args.warmup, args.rounds, args.per_round)
-    for arch, rate in rates.items():
-        print(f"{arch:<16} {rate:>12,.0f} tokens/s", flush=True)
+    for arch, (wall, per_cpu) in rates.items():
+        print(f"{arch:<16} {wall:>10,.0f} tokens/s {per_cpu:>10,.0f} tokens/CPU-s", flush=True)
     demo = None if args.skip_demo else demo_seconds(args.device)
     text = section(rates, demo, device, args.rounds, args.per_round, (load_start, os.getloadavg()[0]))
     print(text)

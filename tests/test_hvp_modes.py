@@ -5,6 +5,7 @@ import torch
 from operator_refs import differences, flat_mlp_loss, layernorm_mlp, mlp_loss, rel, tiny_gpt, token_batches
 
 from hessian_tools.operators import MODES, ActivationHessian, ParamHessian
+from hessian_tools.operators.batch_operator import AUTO_CHOICES
 
 # float64 products of one function by different autodiff orders differ by rounding only.
 AGREE = 1e-10
@@ -45,6 +46,7 @@ def test_all_modes_agree_in_float64(case):
 
 def test_auto_mode_times_each_mode_and_keeps_the_fastest():
     model, batches = tiny_gpt("gpt2"), token_batches()
+    AUTO_CHOICES.clear()
     op = ParamHessian(model, batches, mode="auto")
     assert op.mode == "auto" and op.mode_timings is None  # nothing measured in the constructor
     v = torch.ones(op.shape[0], dtype=torch.float64)
@@ -54,6 +56,9 @@ def test_auto_mode_times_each_mode_and_keeps_the_fastest():
     assert timings[f"{op.mode}_s"] == min(timings[f"{m}_s"] for m in MODES) and timings["grad_s"] > 0
     assert op.hvp_count == 1  # the timing products are not counted
     assert rel(out, ParamHessian(model, batches, mode="fwd-rev").matvec(v)) < AGREE
+    again = ParamHessian(model, token_batches(seed=5), mode="auto")  # same shapes: the choice is remembered
+    again.matvec(v)
+    assert again.mode == op.mode and again.mode_timings == {**timings, "measured_earlier": True}
 
 
 @pytest.mark.parametrize("mode", MODES)

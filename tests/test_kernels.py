@@ -5,7 +5,10 @@ gradcheck's fast mode (a random projection of the Jacobian, against central diff
 """
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from torch.func import grad, hessian, jacfwd, jvp, vjp, vmap
 from models import build_model, math_attention, next_token_loss
 from models.config import GPTConfig
 from models.kernels import _common, layer_norm, rms_norm
+from models.norms import LayerNorm, RMSNorm
 from models.norms import layer_norm as ref_layer_norm
 from models.norms import rms_norm as ref_rms_norm
 
@@ -33,6 +37,11 @@ def kernel_and_reference(op: str, affine: bool, N: int, seed: int = 0):
         kern = lambda x, *p: layer_norm(x, *(p or (None, None)), EPS)  # noqa: E731
         ref = lambda x, *p: ref_layer_norm(x, *(p or (None, None)), EPS)  # noqa: E731
     return kern, ref, params
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
 
 
 @pytest.fixture
@@ -167,8 +176,7 @@ def test_model_hvp_matches_reference_and_uses_fused_double_backward(arch, kernel
     for mode in got:
         for k in want:
             torch.testing.assert_close(mode[k], want[k], rtol=1e-9, atol=1e-12, msg=k)
-    n_norms = sum(isinstance(m, (torch.nn.Module)) and type(m).__name__ in ("RMSNorm", "LayerNorm")
-                  for m in fused.modules())  # fmt: skip
+    n_norms = sum(isinstance(m, (RMSNorm, LayerNorm)) for m in fused.modules())
     assert launched >= 3 * n_norms  # every norm ran the fused double backward in each of the three modes
 
 
@@ -178,26 +186,27 @@ def dtype_errors(f_kernel, f_ref, inputs, dtype):
     def outputs(f, dt):
         args = [t.to(dt).requires_grad_() for t in inputs]
         y = f(*args)
-        dy = torch.cos(torch.arange(y.numel(), dtype=dt).reshape(y.shape))
+        dy = torch.cos(torch.arange(y.numel(), **F64)).reshape(y.shape).to(dt)
         grads = torch.autograd.grad(y, args, dy, create_graph=True)
         second = torch.autograd.grad(sum((g.float() * g.float()).sum() for g in grads), args, allow_unused=True)
         return [t.double() for t in (y, *grads, *second) if t is not None]  # db does not depend on anything
 
     exact = outputs(f_ref, torch.float64)
     err = lambda outs: [(o - e).abs().max().item() for o, e in zip(outs, exact)]  # noqa: E731
-    return err(outputs(f_kernel, dtype)), err(outputs(f_ref, dtype))
+    return err(outputs(f_kernel, dtype)), err(outputs(f_ref, dtype)), [e.abs().max().item() for e in exact]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["rms", "ln"])
 def test_low_precision_within_pytorch_error(op, dtype):
-    """Forward, both gradients and the double backward at 256 rows; error at most 2x PyTorch's own (+ slack)."""
+    """Forward, gradients and double backward at 256 rows: error at most 2x PyTorch's own in the same dtype,
+    plus 4 units of round-off at the output's scale (PyTorch's error can be lucky on a single output)."""
     kern, ref, params = kernel_and_reference(op, True, 24)
     x = 3 * torch.randn(256, 24, **F64) + 1
-    kernel_err, torch_err = dtype_errors(kern, ref, (x, *params), dtype)
+    kernel_err, torch_err, scale = dtype_errors(kern, ref, (x, *params), dtype)
     unit = torch.finfo(dtype).eps
-    for k, t in zip(kernel_err, torch_err):
-        assert k <= 2 * t + 64 * unit, (kernel_err, torch_err)
+    for k, t, s in zip(kernel_err, torch_err, scale):
+        assert k <= 2 * t + 4 * unit * s, (kernel_err, torch_err, scale)
 
 
 def load_benchmark():
@@ -234,3 +243,42 @@ def test_benchmark_refuses_to_run_without_cuda(tmp_path, capsys):
     bench = load_benchmark()
     assert bench.main(["--widths", "1024", "--out", str(tmp_path / "B.md")]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "B.md").exists()
+
+
+
+def compile_kernels_for_sm90():
+    """Compile every kernel variant to PTX for an H100/H200 (needs no GPU; run without TRITON_INTERPRET)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from models.kernels import _norm
+
+    scalars = {"rows_per_group": "i32", "rows_per_program": "i32", "N": "i32", "eps": "fp32"}
+    for elem, acc in (("bf16", "fp32"), ("fp64", "fp64")):
+        rows, part = f"*{elem}", f"*{acc}"
+        for centered, affine in ((True, True), (False, False)):
+            flags = {"CENTERED": centered, "HAS_W": affine, "BLOCK": 1024, "ACC": getattr(tl, f"float{acc[2:]}")}
+            kernels = [
+                (_norm._fwd_kernel, dict(X=rows, W=rows, B=rows, Y=rows), {"HAS_B": affine}),
+                (_norm._bwd_kernel, dict(X=rows, W=rows, DY=rows, DX=rows, DWP=part, DBP=part), {"HAS_B": affine}),
+                (_norm._bwd2_kernel, dict(X=rows, W=rows, DY=rows, U=rows, V=rows, S=rows, DX2=rows, DW2P=part,
+                                          DDY=rows), {"HAS_S": affine}),
+            ]  # fmt: skip
+            for fn, pointers, extra in kernels:
+                constexprs = {**flags, **extra}
+                signature = {**pointers, **scalars, **{k: "constexpr" for k in constexprs}}
+                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+                assert ".target sm_90" in compiled.asm["ptx"]
+                print(fn.__name__, elem, centered, affine, "compiled")
+
+
+def test_kernels_compile_to_ptx_for_sm90():
+    """The interpreter accepts more than the compiler does: compile all kernels for sm_90 in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); " \
+           "import test_kernels; test_kernels.compile_kernels_for_sm90()"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("compiled") == 12

@@ -128,9 +128,9 @@ def test_gauss_newton_activation_site_equals_dense_jt_h_j():
     op = GaussNewton(model, batches, site="layers.0:out")
     idx, targets = batches[0]
     acts = {}
-    model.layers[0].register_forward_hook(lambda m, a, out: acts.setdefault("x", out.detach()))
+    handle = model.layers[0].register_forward_hook(lambda m, a, out: acts.setdefault("x", out.detach()))
     model(idx)
-    model._forward_hooks.clear(), model.layers[0]._forward_hooks.clear()
+    handle.remove()
     output = lambda h: model.output(model.norm(h.view(acts["x"].shape)))  # noqa: E731  (the rest of the network)
     G_ref = dense_gauss_newton(output, acts["x"].reshape(-1), targets)
     assert rel(op.matmat(torch.eye(op.shape[0], dtype=torch.float64)), G_ref) < TOL
@@ -209,7 +209,7 @@ def test_settings_are_json_serialisable_and_complete():
     s = json.loads(json.dumps(op.settings()))
     assert s["kind"] == "params" and s["n"] == op.shape[0] and s["n_batches"] == 2
     assert s["loss_terms_per_batch"] == [12.0, 6.0] and s["mode"] in ("rev-rev", "fwd-rev", "double-backward")
-    assert set(s["mode_timings"]) == {"grad_s", "rev-rev_s", "fwd-rev_s", "double-backward_s"}
+    assert {"grad_s", "rev-rev_s", "fwd-rev_s", "double-backward_s"} <= set(s["mode_timings"])
     g = json.loads(json.dumps(GaussNewton(model, batches, site="transformer.ln_f:out").settings()))
     assert g["kind"] == "gauss-newton" and g["activation_shapes"] == [[2, 6, 16], [1, 6, 16]]
 

@@ -162,7 +162,9 @@ def test_check_adam_sharpness(trained):
 
 @pytest.mark.parametrize("arch", ["simplegpt", "simplegpt_gpt2", "llama2", "llama2_qknorm", "gpt2"])
 def test_verify_bound_holds_on_every_layer(arch):
+    """After 30 Adam steps on the batch (weights away from their initialisation)."""
     model = tiny(arch)
+    checks.fit_batch(model, batch(), steps=30)
     rows = vb.verify_bound(model, [batch()])
     expected = [n for n, m in model.named_modules() if isinstance(m, SimpleNorm)]
     if not expected:
@@ -220,3 +222,9 @@ def test_cli_exit_code_names_the_violated_layer(trained, capsys, monkeypatch):
 def test_cli_bad_layer_regex(trained, capsys):
     assert main(["verify-bound", str(trained), "--layers", "no_such_layer"]) == 2
     assert "no layer matches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--tol", "0"], ["--scale", "1"]])
+def test_cli_bad_settings(trained, capsys, flags):
+    assert main(["verify-bound", str(trained), *flags]) == 2
+    assert "--tol must be positive" in capsys.readouterr().err

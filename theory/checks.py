@@ -86,7 +86,7 @@ def check_identities(model, batches, name: str, c: float = 3.0, n_vectors: int =
     model = vb.float64_copy(model)
     module = model.get_submodule(name)
     hxx = vb.site_hessian(model, batches, f"{name}:in")
-    layer = vb.simplenorm_parts(model, batches, name)[0]
+    layer = vb.simplenorm_layer(model, batches, name)
     x = layer.x
     with torch.no_grad():
         y, jx = torch.func.jvp(module, (x,), (x,))

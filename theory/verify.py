@@ -139,14 +139,18 @@ def _norm(op, s: Settings):
     return est
 
 
+def simplenorm_layer(model: nn.Module, batches, name: str) -> cf.SimpleNormLayer:
+    """The tensors of SimpleNorm `name` (inputs of every batch as token rows, W, gamma, eps)."""
+    module = model.get_submodule(name)
+    return cf.SimpleNormLayer(module_inputs(model, batches, name), module.lin.weight.detach(),
+                              module.norm.weight.detach(), module.norm.eps)
+
+
 def simplenorm_parts(model: nn.Module, batches, name: str):
     """(layer tensors, g = dl/dy rows, H_yy operator) of SimpleNorm `name` on the batches (model in float64)."""
-    module = model.get_submodule(name)
+    layer = simplenorm_layer(model, batches, name)
     hyy = site_hessian(model, batches, f"{name}:out")
-    layer = cf.SimpleNormLayer(module_inputs(model, batches, name), module.lin.weight.detach(),
-                               module.norm.weight.detach(), module.norm.eps)
-    g = hyy.gradient().view(-1, layer.d)
-    return layer, g, hyy
+    return layer, hyy.gradient().view(-1, layer.d), hyy
 
 
 def split_operators(layer: cf.SimpleNormLayer, g: torch.Tensor, hyy) -> tuple:

@@ -37,7 +37,7 @@ def add_measure_flags(p, data_spread: bool = True):
     d = p.add_argument_group("data")
     d.add_argument("--batches", type=int, default=1, help="held-out measurement batches (default 1)")
     d.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    d.add_argument("--seq-len", dest="measure_seq_len", type=int, default=None,
+    d.add_argument("--seq-len", dest="measure_seq_len", type=int, default=None, metavar="T",
                    help="tokens per sequence (default: the model's context length)")
     d.add_argument("--seed", type=int, default=0, help="seed of the batches and of the estimator (default 0)")
     if data_spread:
@@ -47,7 +47,7 @@ def add_measure_flags(p, data_spread: bool = True):
                    help="under torchrun: each rank evaluates its share of the batches (parameter space)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_model_flags(p)  # --seq-len above is the measurement length; --context-len sets the model's
-    p.add_argument("--context-len", dest="seq_len", type=int, default=None,
+    p.add_argument("--context-len", dest="seq_len", type=int, default=None, metavar="T",
                    help="context length of a foreign checkpoint that does not record it")
 
 

@@ -1,4 +1,11 @@
-"""Curvature operators (Hessian-vector products in parameter and activation space, Gauss-Newton) and their guard."""
+"""Curvature operators and their guard.
+
+- `ParamHessian(model, batches, loss_fn=None, params=None, dtype=None, mode="auto", ...)`
+- `ActivationHessian(model, batches, site, loss_fn=None, dtype=None, mode="auto", ...)`
+- `GaussNewton(model, batches, site=None, params=None, output_fn=None, output_loss=None, dtype=None, ...)`
+- `self_check(op, seed=0) -> dict`, `list_sites(model)`, `MODES`.
+Every operator is a `CurvatureOperator`: shape, dtype, device, hvp_count, mode, matvec, matmat, to_scipy, settings.
+"""
 
 from hessian_tools.operators.activation_hessian import ActivationHessian
 from hessian_tools.operators.base import CurvatureOperator
@@ -8,4 +15,12 @@ from hessian_tools.operators.param_hessian import ParamHessian
 from hessian_tools.operators.self_check import self_check
 from hessian_tools.operators.sites import list_sites
 
-__all__ = ["ActivationHessian", "CurvatureOperator", "GaussNewton", "MODES", "ParamHessian", "list_sites", "self_check"]
+__all__ = [
+    "MODES",
+    "ActivationHessian",
+    "CurvatureOperator",
+    "GaussNewton",
+    "ParamHessian",
+    "list_sites",
+    "self_check",
+]

@@ -9,8 +9,10 @@ import torch
 from hessian_tools.errors import UserError
 from hessian_tools.operators.base import CurvatureOperator
 from hessian_tools.operators.batches import DTYPES, model_device, prepare_batches, private_copy, resolve_dtype
-from hessian_tools.operators.hvp import ENGINES, MODES, time_engines
+from hessian_tools.operators.hvp import MODES, time_engines
 from hessian_tools.operators.spaces import flatten, flatten_columns, unflatten
+
+AUTO_CHOICES = {}  # (kind, model class, n, dtype, device, shapes) -> (mode, timings) of "auto"
 
 
 class BatchOperator(CurvatureOperator):
@@ -57,14 +59,25 @@ class BatchOperator(CurvatureOperator):
         return self._engines
 
     def _time_modes(self):
-        """Time one product of each mode on batch 0 (after a warm-up) and keep the fastest."""
+        """Time one product of each mode on batch 0 (after a warm-up) and keep the fastest.
+
+        The choice is remembered for the process, keyed by model class, space, dtype, device and batch shapes,
+        so operators rebuilt on other batches of the same shapes do not measure again.
+        """
         shapes = self.space.block_shapes(0)
+        key = (self.kind, type(self._model).__qualname__, self.shape[0], str(self.dtype), str(self.device),
+               tuple(map(tuple, shapes)), tuple(tuple(t.shape) for t in self.batches[0] if hasattr(t, "shape")))
+        if key in AUTO_CHOICES:
+            self._mode, timings = AUTO_CHOICES[key]
+            self.mode_timings = {**timings, "measured_earlier": True}
+            return None
         gen = torch.Generator(device="cpu").manual_seed(0)
         example = tuple(torch.randn(s, generator=gen, dtype=self.dtype).to(self.device) for s in shapes)
         f = self._function(0)
         timings, warm, grad_s = time_engines(f, self.space.point(0), example, self.modes, self.keep_graph)
         self._mode = min(timings, key=timings.get)
         self.mode_timings = {"grad_s": grad_s, **{f"{m}_s": t for m, t in timings.items()}}
+        AUTO_CHOICES[key] = (self._mode, self.mode_timings)
         return warm[self._mode]
 
     def _function(self, b):

@@ -1,4 +1,4 @@
-"""Fused row-wise norm (RMSNorm and LayerNorm) with Triton kernels for the first three derivative orders.
+"""Fused row-wise norms (RMSNorm, LayerNorm): Triton kernels for forward, backward and double backward.
 
 RMSNorm is LayerNorm without centering and without bias, so one set of kernels serves both (`CENTERED`).
 Per row x in R^N:  z = x - mean(x) (z = x for RMSNorm),  r = (mean(z^2) + eps)^(-1/2),  xh = r z,
@@ -14,7 +14,10 @@ ug = <u g> - <u><g>, ux = <u xh>, gx = <g xh>, hx = <h xh>, and t = r (u - <u> -
   dx2 = r^2 [ (3 gx ux - ug) xh - ux (g - <g>) - gx (u - <u>) ] + r (h - <h> - hx xh)
   dw2 = sum_rows dy * t,     ddy = w * t + v * xh + s.
 (Derivation: dx = r Q g - (r^3/N) <g,z>_sum z with dr/dz = -r^3 z / N, and d/dx = Q d/dz.)
-One pass over the row for mean(x) when centered, one for the row reductions, one to write.
+Each kernel makes one pass over the row for mean(x) when centered, one for its row reductions, one to write;
+a program handles a range of rows, one row at a time, in chunks of at most MAX_BLOCK features (rows up to
+MAX_BLOCK wide are one chunk, re-read from cache by the later passes). Weight and bias gradients are summed
+into fp32 (fp64) per-program partials, then over programs in torch: deterministic, no atomics.
 
 Derivatives of third order and beyond differentiate the double backward written in plain torch ops.
 Forward-mode rules reuse the next order: dy/dx . tx = w * Backward(x, no weight, tx).dx, and the tangent of

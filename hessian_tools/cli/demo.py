@@ -1,0 +1,37 @@
+"""`hessian-tools demo`: train SimpleGPT and the baselines, sweep their checkpoints, verify the bound, compare.
+
+On the embedded corpus: one run per architecture, a short learning-rate sweep, Hessian sweeps of every
+checkpoint, the SimpleNorm bound at the last one; prints a table per architecture and the figures it wrote.
+A second call reuses everything the first computed (see hessian_tools.demo).
+"""
+
+from models.config import ARCHS
+
+
+def add_parser(subparsers, name):
+    from hessian_tools.demo import SCALES
+
+    p = subparsers.add_parser(name, help="the end-to-end comparison on small models (about 10 minutes on 2 cores)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="experiment directory (default demo_runs/SCALE; reused by later calls)")
+    p.add_argument("--scale", default="full", choices=tuple(SCALES),
+                   help="model and run sizes (default full: dim 64, 2 layers, 300 steps)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the main runs (default: the scale's)")
+    p.add_argument("--arch", dest="archs", action="append", choices=ARCHS, default=None,
+                   help="architecture (repeat for several; default all five)")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: up to 2)")
+    p.add_argument("--figures", default=None, metavar="DIR", help="where figures go (default DIR/figures)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from hessian_tools.demo import Experiment, demo
+    from hessian_tools.errors import UserError
+
+    if args.steps is not None and args.steps < 3:
+        raise UserError(f"--steps must be at least 3, got {args.steps}")
+    exp = Experiment(args.scale, args.out, jobs=args.jobs, archs=tuple(args.archs) if args.archs else None,
+                     steps=args.steps)
+    demo(exp, args.figures)
+    return 0
