@@ -126,9 +126,9 @@ class Experiment:
         return ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_worker_init)
 
     def _map(self, fn, tasks):
-        """[fn(*task) for task in tasks], run in the worker processes."""
-        if not tasks:
-            return []
+        """[fn(*task) for task in tasks], in worker processes (in this process when jobs is 1)."""
+        if self.jobs == 1 or not tasks:
+            return [fn(*task) for task in tasks]
         with self._pool() as pool:
             futures = [pool.submit(fn, *task) for task in tasks]
             return [f.result() for f in futures]
@@ -176,7 +176,14 @@ class Experiment:
         """Sweep every checkpoint (params, activation, density) and the last one (bound, Adam sharpness)."""
         every = self.sweep_settings(what=("params", "activation"))
         last = self.sweep_settings(what=("density", "bound", "adam"), steps=(-1,))
-        tasks = [(str(d), str(self.results), s) for s in (every, last) for d in run_dirs.values()]
+        from hessian_tools.results_io import read_records
+        from hessian_tools.sweep import pending_units, plan
+
+        records = read_records(self.results)
+        tasks = [(str(d), str(self.results), s) for s in (every, last) for d in run_dirs.values()
+                 if pending_units(plan([d], s), records, s)]
+        if not tasks:
+            return
         self.say(f"sweeping {len(run_dirs)} runs into {self.results} in {self.jobs} processes")
         summaries = self._map(_sweep_task, tasks)
         measured = sum(s["measured"] for s in summaries)
@@ -184,10 +191,11 @@ class Experiment:
         errors = sum(s["errors"] for s in summaries)
         self.say(f"  {measured} measured, {skipped} reused, {errors} errors")
 
-    def prepare(self) -> "Experiment":
-        """Everything the figures need, reusing what exists."""
+    def prepare(self, lr_sweep: bool = True) -> "Experiment":
+        """Everything the figures need (the lr sweep only with `lr_sweep`), reusing what exists."""
         runs = self.train_runs()
-        self.lr_sweep()
+        if lr_sweep:
+            self.lr_sweep()
         self.measure(runs)
         return self
 
@@ -309,10 +317,7 @@ def demo(exp: Experiment, figures_out=None, out=sys.stdout) -> dict:
     """Train, lr-sweep, measure and verify (reusing what is there), then print the table and the figures."""
     start = time.perf_counter()
     exp.prepare()
-    records = exp.records()
-    from models.lr_sweep import SWEEP_FILE
-
-    lr_record = json.loads((exp.lr_dir / SWEEP_FILE).read_text())
+    records, lr_record = exp.records(), exp.lr_sweep()
     rows = summary_rows(exp, records, lr_record)
     paths = write_figures(exp, records, lr_record, figures_out or exp.root / "figures")
     print(format_rows(rows), file=out)

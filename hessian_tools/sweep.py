@@ -409,6 +409,12 @@ def error_record(unit: Unit, settings: SweepSettings, message: str, config=None,
     return est.with_provenance(**_provenance(unit, settings, config, batches_spec or {})).to_dict()
 
 
+def pending_units(units, records, settings: SweepSettings) -> list[Unit]:
+    """The units without a record (other than an error) among `records`."""
+    done = {record_key(r) for r in records if r.get("status") != "error"}
+    return [u for u in units if unit_key(u, settings) not in done]
+
+
 def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bool = True, log=None) -> dict:
     """Measure every pending unit of `plan(run_dirs, settings)`, appending one record per unit to `out`.
 
@@ -425,9 +431,8 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
     start = time.perf_counter()
     units = plan(run_dirs, settings)
     existing = read_records(out)
-    done = {record_key(r) for r in existing if r.get("status") != "error"}
+    pending = pending_units(units, existing, settings)
     seen_errors = {(record_key(r), r.get("payload", {}).get("message")) for r in existing if r.get("status") == "error"}
-    pending = [u for u in units if unit_key(u, settings) not in done]
     counts = {"total": len(units), "skipped": len(units) - len(pending), "measured": 0, "errors": 0}
     measurer, batch_cache = Measurer(settings), {}
 

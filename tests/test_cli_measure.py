@@ -182,10 +182,21 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--method", "power", "--which", "smallest"], "--which magnitude"),
     (["trace", "{ckpt}", "--method", "hutchpp", "--target-std-error", "1"], "hutchinson only"),
     (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
+    (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),
+    (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
+    (["spectrum", "{ckpt}", "--site", SITE, "--distributed"], "parameter space only"),
+    (["spectrum", "{ckpt}", "--distributed", "--data-spread", "2"], "--data-spread does not run"),
+    (["spectrum", "{ckpt}", "--batches", "3", "--data-spread", "2"], "cannot form 2 equal groups"),
+    (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),
+    (["density", "{ckpt}", "--out", "{tmp}/density.pdf"], "must end in .png"),
+    (["density", "{ckpt}", "--out", "{tmp}/no/density.png"], "does not exist"),
+    (["bench", "--threads", "0", "--no-write"], "--threads must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ckpt_dir, tmp_path, capsys, argv, message):
-    argv = [a.format(ckpt=ckpt_dir, missing=tmp_path / "missing") for a in argv]
-    assert main(argv + ["--batch-size", "1", "--mode", "double-backward"]) == 2
+    argv = [a.format(ckpt=ckpt_dir, missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    if argv[0] != "bench":
+        argv += ["--batch-size", "1", "--mode", "double-backward"]
+    assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("hessian-tools")]

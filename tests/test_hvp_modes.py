@@ -12,7 +12,7 @@ AGREE = 1e-10
 
 
 def products(make, V):
-    """{mode: (matmat(V), matvec(V[:, 0]))} for operators built by make(mode)."""
+    """{mode: (matmat(V), matvec(V[:, 0]))} for operators built by make(mode) (matmat vmapped over columns)."""
     out = {}
     for mode in MODES:
         op = make(mode)
@@ -28,13 +28,14 @@ def products(make, V):
 def test_all_modes_agree_in_float64(case):
     if case == "mlp":
         model, batch = layernorm_mlp()
-        make = lambda mode: ParamHessian(model, [batch], loss_fn=mlp_loss, mode=mode)  # noqa: E731
+        make = lambda mode: ParamHessian(model, [batch], loss_fn=mlp_loss, mode=mode, chunk=None)  # noqa: E731
     elif case.endswith("params"):
         model, batches = tiny_gpt(case.split("-")[0]), token_batches((2, 1))
-        make = lambda mode: ParamHessian(model, batches, mode=mode)  # noqa: E731
+        make = lambda mode: ParamHessian(model, batches, mode=mode, chunk=2)  # noqa: E731
     else:
         model, batches = tiny_gpt("llama2_qknorm"), token_batches((2, 1))
-        make = lambda mode: ActivationHessian(model, batches, "layers.0.ffn_norm:out", mode=mode)  # noqa: E731
+        site = "layers.0.ffn_norm:out"
+        make = lambda mode: ActivationHessian(model, batches, site, mode=mode, chunk=None)  # noqa: E731
     n = make("rev-rev").shape[0]
     V = torch.randn(n, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = products(make, V)

@@ -35,7 +35,7 @@ def test_param_hessian_layernorm_mlp_equals_dense_reference():
     model, batch = layernorm_mlp()
     f, theta = flat_mlp_loss(model, batch)
     H = confirmed_dense_hessian(f, theta)
-    op = ParamHessian(model, [batch], loss_fn=mlp_loss, mode="rev-rev")
+    op = ParamHessian(model, [batch], loss_fn=mlp_loss, mode="rev-rev", chunk=None)
     assert op.shape == (63, 63) and op.dtype == torch.float64
     assert rel(op.matmat(torch.eye(63, dtype=torch.float64)), H) < TOL
     v = random_matrix(63, 1)[:, 0]
@@ -105,7 +105,7 @@ def dense_gauss_newton(output, x, targets):
 def test_gauss_newton_params_is_psd_and_equals_dense_jt_h_j():
     model, batches = tiny_gpt("gpt2"), token_batches()
     params = r"h\.0\.mlp|ln_f"
-    op = GaussNewton(model, batches, params=params)
+    op = GaussNewton(model, batches, params=params, chunk=None)
     names = op.settings()["param_names"]
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
@@ -125,7 +125,7 @@ def test_gauss_newton_params_is_psd_and_equals_dense_jt_h_j():
 
 def test_gauss_newton_activation_site_equals_dense_jt_h_j():
     model, batches = tiny_gpt("simplegpt"), token_batches()
-    op = GaussNewton(model, batches, site="layers.0:out")
+    op = GaussNewton(model, batches, site="layers.0:out", chunk=None)
     idx, targets = batches[0]
     acts = {}
     handle = model.layers[0].register_forward_hook(lambda m, a, out: acts.setdefault("x", out.detach()))

@@ -17,7 +17,7 @@ class ActivationHessian(HessianOperator):
     kind = "activation"
 
     def __init__(self, model, batches, site, loss_fn=None, dtype=None, mode="auto", keep_graph=True,
-                 batch_weight=None, chunk=None):
+                 batch_weight=None, chunk="auto"):
         self._options = dict(site=site, loss_fn=loss_fn, mode=mode, keep_graph=keep_graph,
                              batch_weight=batch_weight, chunk=chunk)
         space = functools.partial(ActivationSpace, site=site)

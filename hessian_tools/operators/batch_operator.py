@@ -105,8 +105,10 @@ class BatchOperator(CurvatureOperator):
         return self._apply(v, True)
 
     def _matmat(self, V):
-        k = V.shape[1]
-        step = k if self.chunk is None else max(1, self.chunk)
+        k, chunk = V.shape[1], self.chunk
+        if chunk == "auto":
+            chunk = 16 if self.device.type == "cuda" else 1
+        step = k if chunk is None else max(1, int(chunk))
         if step == 1:
             return torch.stack([self._apply(V[:, j], True) for j in range(k)], dim=1)
         return torch.cat([self._apply(V[:, j : j + step], False) for j in range(0, k, step)], dim=1)

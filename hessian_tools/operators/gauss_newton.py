@@ -49,7 +49,7 @@ class GaussNewton(BatchOperator):
     modes = ("jvp-vjp",)
 
     def __init__(self, model, batches, site=None, params=None, output_fn=None, output_loss=None, dtype=None,
-                 keep_graph=True, batch_weight=None, chunk=None):
+                 keep_graph=True, batch_weight=None, chunk="auto"):
         if site is not None and params is not None:
             raise UserError("give either site (activation space) or params (parameter space), not both")
         self._options = dict(site=site, params=params, output_fn=output_fn, output_loss=output_loss,
