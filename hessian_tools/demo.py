@@ -48,12 +48,13 @@ SCALES = {
                                warmup=2, lr=1e-2), (1e-2, 3e-1), 10, _SWEEP_TINY),
     # the notebooks' default when no results are given: a few minutes on 2 cores
     "small": Scale("small", dict(dim=32, n_layers=2, n_heads=4, seq_len=32, batch_size=8, steps=120, save_every=40,
-                                 warmup=12, lr=3e-3), (3e-3, 3e-2, 3e-1), 40,
+                                 warmup=12, lr=3e-3), (3e-2, 0.3, 1.0), 40,
                    dict(n_batches=2, batch_size=4, tol=1e-3, n_groups=2, density_probes=3, density_iter=30)),
     # the demo and the committed figures: dim 64, 2 layers, 300 steps
-    "full": Scale("full", dict(dim=64, n_layers=2, n_heads=4, seq_len=32, batch_size=16, steps=300, save_every=100,
-                               warmup=30, lr=3e-3), (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), 60,
-                  dict(n_batches=2, batch_size=4, tol=1e-3, n_groups=2, density_probes=3, density_iter=40)),
+    "full": Scale("full", dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=75,
+                               warmup=30, lr=3e-3), (3e-2, 1e-1, 0.2, 0.4, 0.7, 1.0), 80,
+                  dict(n_batches=4, batch_size=4, tol=1e-3, n_groups=2, density_probes=3, density_iter=40,
+                       density_grid=(-50.0, 500.0, 2201), density_width=0.5)),
 }
 DEFAULT_ROOT = Path("demo_runs")
 

@@ -101,7 +101,8 @@ def activation_norms(records, out, name: str = "activation_norms") -> list[Path]
     """(b) ||H|| at the activation sites over training: a row per site role, a column per layer."""
     chosen = ok(records, "activation.spectral_norm")
     roles = [r for r in ROLES if any(x["provenance"].get("site_role") == r for x in chosen)] or [None]
-    layers = sorted({x["provenance"].get("layer") for x in chosen if x["provenance"].get("layer") is not None}) or [None]
+    layers = sorted({x["provenance"]["layer"] for x in chosen if x["provenance"].get("layer") is not None})
+    layers = layers or [None]
     fig, axes = plt.subplots(len(roles), len(layers), figsize=(4.5 * len(layers), 3.2 * len(roles)), squeeze=False,
                              sharex=True)
     for i, role in enumerate(roles):
@@ -163,8 +164,13 @@ def lr_sweep(sweep_record: dict, curves: dict, thresholds: dict, out, name: str 
     {arch: {"gd": 2 / lambda_max or None, "adam": 38 / sharpness or None}}.
     """
     archs = list(sweep_record["archs"])
-    fig, axes = plt.subplots(1, len(archs) + 1, figsize=(3.6 * (len(archs) + 1), 3.6), squeeze=False)
-    axes = axes[0]
+    ncols = min(3, len(archs) + 1)
+    nrows = math.ceil((len(archs) + 1) / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(archs) + 1:]:
+        ax.set_visible(False)
+    axes = axes[: len(archs) + 1]
     for ax, arch in zip(axes, archs):
         entry = sweep_record["archs"][arch]
         cmap = plt.get_cmap("viridis", max(2, len(entry["runs"])))
@@ -188,9 +194,9 @@ def lr_sweep(sweep_record: dict, curves: dict, thresholds: dict, out, name: str 
                 ax.bar(i + (k - 1) * width, value, width, color=color, label=label if i == 0 else None,
                        edgecolor=COLORS.get(arch, "black"), linewidth=2)
         if best and sweep_record["archs"][arch].get("at_edge"):
-            ax.annotate("largest tried", (i - width, best), fontsize=6, ha="center", va="bottom")
+            ax.annotate("+", (i - width, best), fontsize=9, ha="center", va="bottom")
     ax.set_xticks(range(len(archs)), archs, rotation=30, fontsize=8)
-    ax.set(yscale="log", ylabel="learning rate", title="stable lr and curvature thresholds")
+    ax.set(yscale="log", ylabel="learning rate", title="stable lr (+: the largest tried) and thresholds")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     return save(fig, out, name)

@@ -27,7 +27,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +63,6 @@ MEASURE_FIELDS = {
     "params.trace": ["dtype", "trace_matvecs"],
     "checkpoint.load": [],  # the error record of a checkpoint that cannot be loaded
 }
-BLOCK_CONTAINERS = ("layers", "transformer.h")
 ATTENTION_NAMES, FFN_NAMES = ("attention", "attn"), ("feed_forward", "mlp")
 WARM_START_NOISE = 0.1  # relative weight of the seeded random vector mixed into a warm start
 
@@ -155,16 +156,6 @@ def unit_key(unit: Unit, settings: "SweepSettings") -> tuple:
 # ---- sites and layers ---------------------------------------------------------------------------------------
 
 
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    for container in BLOCK_CONTAINERS:
-        try:
-            blocks = model.get_submodule(container)
-        except AttributeError:
-            continue
-        return [(f"{container}.{i}", block) for i, block in enumerate(blocks)]
-    return []
-
-
 def _first_map(block: nn.Module, prefix: str, branch_names) -> str | None:
     """Name of the first linear map (nn.Linear or SimpleNorm) inside the block's branch, or None."""
     from models.norms import SimpleNorm
@@ -183,8 +174,10 @@ def default_sites(model: nn.Module) -> list[tuple[str, str, int]]:
     fused c_attn), ffn_in = the input of the FFN's first map (the gate w1 / sn1, or c_fc), block_out = the
     residual stream after the block. (A branch's output site would repeat a residual-stream Hessian: the loss
     sees a branch output only through the residual sum, so their Hessians are equal.)"""
+    from models.train import blocks
+
     sites = []
-    for i, (prefix, block) in enumerate(_blocks(model)):
+    for i, (prefix, block) in enumerate(blocks(model).items()):
         for role, names in (("attn_in", ATTENTION_NAMES), ("ffn_in", FFN_NAMES)):
             name = _first_map(block, prefix, names)
             if name is not None:
@@ -242,6 +235,8 @@ def plan(run_dirs, settings: SweepSettings) -> list[Unit]:
             last = int(CKPT_RE.match(found[-1].name).group(1))
             wanted = {last if s == -1 else s for s in settings.steps}
             found = [c for c in found if int(CKPT_RE.match(c.name).group(1)) in wanted]
+        from theory.verify import bound_layers
+
         skeleton = None
         for ckpt in found:
             step = int(CKPT_RE.match(ckpt.name).group(1))
@@ -252,8 +247,6 @@ def plan(run_dirs, settings: SweepSettings) -> list[Unit]:
                     units += [Unit(run_dir, ckpt, step, MEASURES[what][0], s, r, i) for s, r, i in sites]
                 elif what == "bound":
                     skeleton = skeleton or _skeleton_or_none(ckpt)
-                    from theory.verify import bound_layers
-
                     layers = bound_layers(skeleton) if skeleton is not None else []
                     units += [Unit(run_dir, ckpt, step, "bound.hxx", name, kind, _layer_of(name))
                               for name, kind in layers]
@@ -314,13 +307,14 @@ class Measurer:
         est = _as_spectral_norm(est) if which == "magnitude" else est
         if groups and s.n_groups >= 2 and est.status == "ok":
             spread = data_spread(make_op, batches, functools.partial(solve, v0=_warm(top, s.seed)), s.n_groups)
-            values = spread.payload.get("group_values")
-            if which == "magnitude" and values:
-                values = [abs(v) for v in values]
-            est = dataclasses.replace(est, hvp_count=est.hvp_count + spread.hvp_count, payload={
-                **est.payload, "data_spread": {"group_values": values, "std": spread.error,
-                                               "std_error": spread.payload.get("std_error_of_mean"),
-                                               "n_groups": s.n_groups, "status": spread.status}})
+            data = {"n_groups": s.n_groups, "status": spread.status, "group_values": None, "std": None,
+                    "std_error": None}
+            if spread.status == "ok":
+                values = [abs(v) if which == "magnitude" else v for v in spread.payload["group_values"]]
+                std = statistics.stdev(values)
+                data.update(group_values=values, std=std, std_error=std / math.sqrt(len(values)))
+            est = dataclasses.replace(est, hvp_count=est.hvp_count + spread.hvp_count,
+                                      payload={**est.payload, "data_spread": data})
         return dataclasses.replace(est, vectors=None)
 
     def guard(self, model, batches, run_key) -> dict | None:

@@ -1,6 +1,18 @@
-"""The GPT family studied by hessian-tools: configs, variants, norms, data, training and checkpoints."""
+"""The GPT family studied by hessian-tools: configs, variants, norms, data, training and checkpoints.
+
+Importing `models` (or `models.config`) does not import torch; the model classes load on first use.
+"""
 
 from models.config import ARCHS, GPTConfig
-from models.gpt import build_model, math_attention, next_token_loss
 
-__all__ = ["ARCHS", "GPTConfig", "build_model", "math_attention", "next_token_loss"]
+_LAZY = {"build_model": "models.gpt", "math_attention": "models.gpt", "next_token_loss": "models.gpt"}
+
+__all__ = ["ARCHS", "GPTConfig", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

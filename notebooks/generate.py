@@ -61,7 +61,8 @@ NOTEBOOKS = {
         "# Learning-rate sweep\n\nLoss curves of short runs over learning rates, and the largest stable rate per "
         "architecture beside 2 / lambda_max and Adam's threshold 38 / (preconditioned sharpness) at the end of "
         "the main runs.",
-        "lr_record = exp.lr_sweep()\npaths = plotting.lr_sweep(lr_record, exp.lr_curves(lr_record), thresholds(records), out)",
+        "lr_record = exp.lr_sweep()\n"
+        "paths = plotting.lr_sweep(lr_record, exp.lr_curves(lr_record), thresholds(records), out)",
         True,
     ),
     "05_density": (

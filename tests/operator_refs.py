@@ -49,7 +49,7 @@ def dense_hessian(f, x, chunk=512):
     grad = torch.func.grad(f)
     column = lambda t: torch.func.jvp(grad, (x,), (t,))[1]  # noqa: E731
     eye = torch.eye(x.numel(), dtype=x.dtype)
-    H = torch.cat([torch.func.vmap(column)(eye[i : i + chunk]) for i in range(0, x.numel(), chunk)]).T
+    H = torch.cat([torch.func.vmap(column)(eye[i : i + chunk]) for i in range(0, x.numel(), chunk)]).T.detach()
     return (H + H.T) / 2, H
 
 
@@ -86,7 +86,7 @@ def reference_products(f, x, V):
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 class LayerNormMLP(torch.nn.Module):

@@ -1,5 +1,6 @@
 """ParamHessian and GaussNewton against independent float64 references; the operator contract; bad input."""
 
+import re
 import warnings
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_param_hessian_regex_subset_equals_dense_reference(arch, params):
     model, batches = tiny_gpt(arch), token_batches((2, 1))
     op = ParamHessian(model, batches, params=params, mode="rev-rev")
     names = op.settings()["param_names"]
-    assert names == [n for n, _ in model.named_parameters() if __import__("re").search(params, n)]
+    assert names == [n for n, _ in model.named_parameters() if re.search(params, n)]
     f, theta = flat_param_loss(model, batches, names)
     H = confirmed_dense_hessian(f, theta)
     V = random_matrix(op.shape[0], 4)
@@ -86,7 +87,7 @@ def test_batch_weight_callable_overrides_target_count():
     model = tiny_gpt("gpt2")
     batches = token_batches((3, 1))
     equal = ParamHessian(model, batches, mode="rev-rev", batch_weight=lambda batch: 1.0)
-    assert equal.settings()["batch_weights"] == [0.5, 0.5]
+    assert equal.settings()["batch_weights"] == [0.5, 0.5] and equal.total_weight == 2.0
     single = [ParamHessian(model, [b], mode="rev-rev") for b in batches]
     v = random_matrix(equal.shape[0], 1)[:, 0]
     assert rel(equal.matvec(v), 0.5 * single[0].matvec(v) + 0.5 * single[1].matvec(v)) < TOL

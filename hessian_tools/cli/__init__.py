@@ -26,7 +26,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hessian-tools", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hessian-tools",
+        description="Hessian spectra of GPT language models: train, measure, verify the SimpleNorm bound, plot.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         try:
