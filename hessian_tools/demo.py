@@ -53,8 +53,8 @@ SCALES = {
     # the demo and the committed figures: dim 64, 2 layers, 300 steps
     "full": Scale("full", dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=75,
                                warmup=30, lr=3e-3), (3e-2, 1e-1, 0.2, 0.4, 0.7, 1.0), 80,
-                  dict(n_batches=4, batch_size=4, tol=1e-3, n_groups=2, density_probes=3, density_iter=40,
-                       density_grid=(-50.0, 500.0, 2201), density_width=0.5)),
+                  dict(n_batches=2, batch_size=4, tol=1e-3, n_groups=2, density_probes=3, density_iter=40,
+                       density_grid=(-30.0, 120.0, 1501), density_width=0.3)),
 }
 DEFAULT_ROOT = Path("demo_runs")
 
@@ -202,10 +202,15 @@ class Experiment:
 
     # -- reading -----------------------------------------------------------------------------------------------
     def records(self) -> list[dict]:
+        """The results of this experiment's runs measured with its current settings."""
         from hessian_tools.results_io import read_records
+        from hessian_tools.sweep import MEASURE_FIELDS
 
         roots = {str(self.run_dir(a).resolve()) for a in self.archs}
-        return [r for r in read_records(self.results) if r["provenance"].get("run_dir") in roots]
+        settings = self.sweep_settings()
+        hashes = {settings.hash(m) for m in MEASURE_FIELDS}
+        return [r for r in read_records(self.results)
+                if r["provenance"].get("run_dir") in roots and r["provenance"].get("settings_hash") in hashes]
 
     def metrics(self) -> dict:
         """{arch: metrics lines of its main run}."""

@@ -31,10 +31,11 @@ def style(arch: str) -> dict:
 
 
 def save(fig, out, name: str) -> list[Path]:
-    """Write out/name.png (150 dpi) and out/name.pdf; close the figure."""
+    """Lay out, write out/name.png (150 dpi) and out/name.pdf; close the figure."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.tight_layout()
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
@@ -222,18 +223,18 @@ def densities(records, out, name: str = "density") -> list[Path]:
 
 
 def activation_rms(metrics: dict, out, name: str = "activation_rms") -> list[Path]:
-    """(f) RMS of the residual stream after each block over training; metrics: {arch: metrics.jsonl lines}."""
-    blocks = sorted({b for lines in metrics.values() for m in lines for b in m.get("act_rms", {})},
-                    key=lambda b: int(b.rsplit(".", 1)[-1]))
-    fig, axes = plt.subplots(1, max(1, len(blocks)), figsize=(4.5 * max(1, len(blocks)), 3.6), squeeze=False)
-    for j, block in enumerate(blocks):
-        ax = axes[0][j]
+    """(f) RMS of the residual stream after each block over training, a panel per layer index;
+    metrics: {arch: metrics.jsonl lines} (act_rms keyed by block name, e.g. layers.0 or transformer.h.0)."""
+    layer = lambda block: int(block.rsplit(".", 1)[-1])  # noqa: E731
+    layers = sorted({layer(b) for lines in metrics.values() for m in lines for b in m.get("act_rms", {})})
+    fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(4.5 * max(1, len(layers)), 3.6), squeeze=False)
+    for ax, i in zip(axes[0], layers):
         for arch, lines in metrics.items():
-            points = [(m["step"], m["act_rms"][block]) for m in lines if block in m.get("act_rms", {})]
+            points = [(m["step"], v) for m in lines for b, v in m.get("act_rms", {}).items() if layer(b) == i]
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, **style(arch))
-        ax.set(title=f"layer {block.rsplit('.', 1)[-1]} output", xlabel="training step", yscale="log")
+        ax.set(title=f"layer {i} output (residual stream)", xlabel="training step", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("activation RMS")
     axes[0][0].legend(fontsize=7)

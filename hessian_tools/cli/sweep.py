@@ -1,7 +1,9 @@
 """`hessian-tools sweep RUN_DIR... --out RESULTS.jsonl`: measure every checkpoint of every run, resumably.
 
 One JSON line per (checkpoint, measure, site) is appended to RESULTS.jsonl as soon as it is computed; a rerun
-skips what the file already holds (same run, step, measure, site and settings). See hessian_tools.sweep.
+skips what the file already holds (same run, step, measure, site and settings). A checkpoint or measure that
+fails is reported on stderr, recorded with status "error" and skipped; the exit status is then 1. See
+hessian_tools.sweep.
 """
 
 from hessian_tools.sweep import WHAT
