@@ -13,7 +13,9 @@ import argparse
 import pathlib
 import sys
 
-START, END = "<!-- norm-kernels:start -->", "<!-- norm-kernels:end -->"
+from hessian_tools.benchmarks_md import write_section
+
+SECTION = "norm-kernels"
 PASSES = ("fwd", "bwd", "bwd2")
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 # row tensors (M x N) read or written, per pass: fwd x -> y; bwd x, dy -> dx; bwd2 x, dy, u -> dx2, ddy
@@ -143,18 +145,6 @@ def table(rows, clone_bw: float, device_name: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: pathlib.Path, body: str) -> None:
-    """Replace the text between the markers of `path` (created, or the section appended, when missing)."""
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -170,7 +160,7 @@ def main(argv=None) -> int:
                 rows += measure(op, dtype_name, N, args.gbytes, clone_bw)
                 print(*rows[-3:], sep="\n", flush=True)
     body = table(rows, clone_bw, torch.cuda.get_device_name())
-    write_section(args.out, body)
+    write_section(args.out, SECTION, body)
     print(body)
     return 0
 

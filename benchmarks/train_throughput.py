@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from hessian_tools.benchmarks_md import write_section
 from models.config import ARCHS, GPTConfig
 from models.data import DataSpec, load_splits, training_batch
 from models.gpt import build_model, next_token_loss
 from models.train import TrainConfig, make_optimizer, train
 
-START, END = "<!-- train-throughput:start -->", "<!-- train-throughput:end -->"
+SECTION = "train-throughput"
 SHAPE = dict(dim=128, n_layers=4, n_heads=4, seq_len=128)
 BATCH = 16
 DEMO = dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=0)
@@ -89,7 +89,7 @@ def section(rates: dict, demo, device: torch.device, rounds: int, per_round: int
     where = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}, {device}; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} "
              "at the end: a load above the core count means other processes shared the CPUs")
-    lines = [START, "## Training throughput", "",
+    lines = ["## Training throughput", "",
              f"`python benchmarks/train_throughput.py` ({where}). Shape: dim {SHAPE['dim']}, "
              f"{SHAPE['n_layers']} layers, {SHAPE['n_heads']} heads, seq {SHAPE['seq_len']}, batch {BATCH}; "
              f"AdamW steps (forward, backward, clip, update); the variants take turns, {per_round} timed steps each "
@@ -106,16 +106,7 @@ def section(rates: dict, demo, device: torch.device, rounds: int, per_round: int
                   f"{DEMO['seq_len']}, batch {DEMO['batch_size']}, {DEMO['steps']} steps, one checkpoint): "
                   f"{demo[0]:.1f} s wall, {demo[1]:.1f} CPU-seconds over {torch.get_num_threads()} threads, final "
                   f"training loss {demo[2]:.3f}."]
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path):
-    """Replace this script's section of `path` (create the file if missing; other sections are kept)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main():
@@ -135,7 +126,7 @@ def main():
     demo = None if args.skip_demo else demo_seconds(args.device)
     text = section(rates, demo, device, args.rounds, args.per_round, (load_start, os.getloadavg()[0]))
     print(text)
-    write_section(text, Path(args.out))
+    write_section(args.out, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-START, END = "<!-- engine-bench:start -->", "<!-- engine-bench:end -->"
+SECTION = "engine-bench"
 ACCURACY = 1e-3
 SHAPES = {  # vocab 103 = the embedded corpus's characters
     "full": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, batch=16, vocab=103, repeats=5, slq=(2, 30),
@@ -308,7 +307,7 @@ def markdown(result: dict) -> str:
     s, m0, m1 = result["shape"], result["machine_start"], result["machine_end"]
     loaded = max(m0["load_average"][0], m1["load_average"][0]) > m0["cores"]
     busy = ": above the core count, other processes shared the CPUs" if loaded else ""
-    lines = [START, "## Hessian engine", "",
+    lines = ["## Hessian engine", "",
              f"`hessian-tools bench`{' --quick' if result['quick'] else ''} ({m0['cpu']}, {m0['cores']} cores, "
              f"{m0['threads']} threads, torch {m0['torch']}; 1-minute load average {m0['load_average'][0]:.1f} at "
              f"the start, {m1['load_average'][0]:.1f} at the end{busy}). Shape: dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, vocab {s['vocab']}, "
@@ -363,12 +362,4 @@ def markdown(result: dict) -> str:
                   f"{g['n_params']:,} parameters, batch {g['batch'][0]} x {g['batch'][1]}, {m0['threads']} threads: "
                   f"gradient {_s(g['grad_s'])}, first HVP {_s(g['first_s'])}, later HVP {_s(g['hvp_s'])} "
                   f"({g['mode']}; HVP / gradient {g['ratio']:.2f})."]
-    return "\n".join(lines + [END])
-
-
-def write_section(text: str, path: Path):
-    """Replace the engine-bench section of `path` (or append it); other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    return "\n".join(lines)

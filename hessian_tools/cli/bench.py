@@ -24,7 +24,8 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from hessian_tools.bench import markdown, run_bench, write_section
+    from hessian_tools.bench import SECTION, markdown, run_bench
+    from hessian_tools.benchmarks_md import write_section
     from hessian_tools.errors import UserError
 
     import torch
@@ -39,7 +40,7 @@ def run(args) -> int:
     result = run_bench(args.quick, progress=lambda line: print(line, file=sys.stderr, flush=True))
     text = markdown(result)
     if not args.no_write:
-        write_section(text, out)
+        write_section(out, SECTION, text)
         print(f"wrote the engine section of {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))
