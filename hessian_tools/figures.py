@@ -34,7 +34,10 @@ def notebooks(directory=None) -> list[Path]:
 def execute(notebook: Path, parameters: dict, executed: Path, kernel: str = KERNEL) -> Path:
     """Run one notebook with papermill (parameters injected after its "parameters" cell); the executed copy
     goes to `executed`. A failing cell raises UserError naming the notebook and the error."""
-    import papermill
+    try:
+        import papermill
+    except ImportError:
+        raise UserError("figures need papermill and ipykernel: pip install -e '.[notebooks]'") from None
 
     target = executed / notebook.name
     try:

@@ -6,6 +6,7 @@ Heavy imports happen inside `run`, so `hessian-tools --help` stays fast.
 
 import argparse
 import importlib
+import os
 import sys
 
 from hessian_tools.errors import UserError
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"hessian-tools {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early, e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"hessian-tools {args.command}: interrupted; everything written so far is kept", file=sys.stderr)
         return 130
