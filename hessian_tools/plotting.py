@@ -31,13 +31,14 @@ def style(arch: str) -> dict:
 
 
 def save(fig, out, name: str) -> list[Path]:
-    """Lay out, write out/name.png (150 dpi) and out/name.pdf; close the figure."""
+    """Lay out, write out/name.png (150 dpi) and out/name.pdf (no creation date, so reruns give the same
+    bytes); close the figure."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.tight_layout()
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return paths
 
