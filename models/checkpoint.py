@@ -12,6 +12,7 @@ A checkpoint is written into a hidden temporary directory, fsynced, then renamed
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -180,7 +181,13 @@ def _first_line(exc: Exception) -> str:
 def _read_torch(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/corrupt/unsafe files
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise UserError(f"{file}: holds pickled objects beyond tensors and plain containers, which are never "
+                            "unpickled here (weights_only=True); re-save it as a plain state dict or as "
+                            "safetensors") from None
+        raise UserError(f"{file}: cannot read it (truncated or corrupt): {_first_line(exc)}") from None
+    except Exception as exc:  # torch raises many types for truncated/corrupt files
         raise UserError(f"{file}: cannot read it (truncated, corrupt or not a torch.save file): "
                         f"{_first_line(exc)}") from None
 

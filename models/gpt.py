@@ -201,7 +201,7 @@ class LlamaGPT(nn.Module):
             stds.update(zip(ffn.names, (0.02, deep, deep)))  # gate, down, up
             for name, std in stds.items():
                 module = getattr(attn, name, None) or getattr(ffn, name)
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.trunc_normal_(module.weight, std=std)  # cut at +-2 absolute, as the reference does
             for module in layer.modules():
                 if isinstance(module, RMSNorm):
                     nn.init.ones_(module.weight)

@@ -6,14 +6,21 @@ The "torch" backend is the reference, twice differentiable under autograd and to
 fused kernels of `models.kernels`, which are twice differentiable as well.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hessian_tools.errors import UserError
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("norm_backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is "
+                        "imported, for testing); use --norm-backend torch or auto on CPU")
     return backend
 
 

@@ -78,9 +78,12 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    return resolved
 
 
 def _write_json(path: Path, record: dict):
@@ -105,6 +108,8 @@ def read_metrics(path: Path) -> list[dict]:
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig):
     """Create RUN_DIR, or check that an existing one holds this same run; returns the recorded status."""
     config_file = run_dir / CONFIG_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, not a run directory; choose a new or empty --out")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not config_file.is_file():
             raise UserError(f"{run_dir}: not empty and not a training run; choose a new or empty --out")

@@ -2,6 +2,7 @@
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from hessian_tools.errors import UserError
 from models.config import GPTConfig
@@ -11,7 +12,7 @@ from models.config import GPTConfig
 class TrainConfig:
     """Everything a training run depends on; recorded in RUN_DIR/train_config.json and every checkpoint.
 
-    data None = the embedded corpus. save_every 0 = checkpoint only at the last step. device "auto" = cuda
+    data None = the embedded corpus. save_every 0 = checkpoint only at the last step; grad_clip 0 = no clipping. device "auto" = cuda
     when available.
     """
 
@@ -46,8 +47,11 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"lr must be positive, got {self.lr}")
-        if self.data is not None:
-            object.__setattr__(self, "data", str(self.data))
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError(f"grad_clip and weight_decay must be >= 0 (grad_clip 0 = no clipping), got "
+                            f"{self.grad_clip} and {self.weight_decay}")
+        if self.data is not None:  # absolute, so the run's measurements find it from any directory
+            object.__setattr__(self, "data", str(Path(self.data).resolve()))
         self.model_config(vocab_size=1)  # validate the model shape now
 
     def model_config(self, vocab_size: int) -> GPTConfig:

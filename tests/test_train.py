@@ -91,6 +91,9 @@ def test_run_dir_clashes(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty and not a training run"):
         train(cfg, tmp_path / "other", progress=False)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a run directory"):
+        train(cfg, tmp_path / "afile", progress=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert train(cfg, tmp_path / "run", progress=False).status == "completed"  # a finished run is reused
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
@@ -137,3 +140,23 @@ def test_lr_sweep_reports_largest_stable_lr(tmp_path, capsys):
     stamp = (tmp_path / "gpt2" / "lr_0.01" / "metrics.jsonl").stat().st_mtime_ns
     assert lr_sweep(["gpt2"], [1e-2], tmp_path, base)["archs"]["gpt2"]["largest_stable_lr"] == 1e-2
     assert (tmp_path / "gpt2" / "lr_0.01" / "metrics.jsonl").stat().st_mtime_ns == stamp  # reused, not rerun
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-clip", "-1"], "grad_clip and weight_decay must be >= 0"),
+    (["--weight-decay", "-3"], "grad_clip and weight_decay must be >= 0"),
+    (["--norm-backend", "triton", "--device", "cpu"], "norm_backend 'triton' needs a CUDA device"),
+])
+def test_bad_train_settings_are_one_line_errors(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a CPU machine outside the tests
+    code = main(["train", "--arch", "simplegpt", "--out", str(tmp_path / "run"), "--steps", "2", "--dim", "16",
+                 "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch-size", "2", "--quiet", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_data_path_is_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "text.txt").write_text("abc def ghi. " * 50)
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(arch="gpt2", steps=1, data="text.txt", **TINY)
+    assert cfg.data == str(tmp_path / "text.txt")
