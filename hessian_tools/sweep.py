@@ -470,9 +470,11 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
                     print(f"hessian-tools sweep: {checkpoint} {unit.measure} {unit.site or ''}: {exc}", file=log)
                     write_error(unit, str(exc), ckpt.config.to_dict(), spec)
                 else:
-                    append_record(out, est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(),
-                                                                         spec)).to_dict())
-                    counts["measured"] += 1
+                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec))
+                    if append_record(out, record.to_dict(), key=record_key):
+                        counts["measured"] += 1
+                    else:
+                        counts["skipped"] += 1  # another sweep wrote it meanwhile
                 bar.update(1)
     finally:
         bar.close()

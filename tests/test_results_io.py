@@ -40,3 +40,22 @@ def test_concurrent_writers_do_not_interleave(tmp_path):
 def test_non_finite_values_are_refused(tmp_path):
     with pytest.raises(ValueError):
         append_record(tmp_path / "r.jsonl", {"value": float("nan")})
+
+
+def _keyed_writer(path, n):
+    for i in range(n):
+        append_record(path, {"unit": i, "status": "ok"}, key=lambda r: r["unit"])
+
+
+def test_concurrent_writers_of_the_same_results_write_each_once(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_record(path, {"unit": 0, "status": "error"})  # a failed attempt does not block the result
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_keyed_writer, args=(path, 30)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    ok = [r["unit"] for r in read_records(path) if r["status"] == "ok"]
+    assert sorted(ok) == list(range(30))
+    assert append_record(path, {"unit": 5, "status": "ok"}, key=lambda r: r["unit"]) is False

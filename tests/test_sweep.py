@@ -117,11 +117,11 @@ def test_restart_after_an_injected_failure_gives_the_same_records(runs, tmp_path
     out = tmp_path / "r.jsonl"
     real_append, written = sweep_mod.append_record, []
 
-    def failing_append(path, record):
+    def failing_append(path, record, key=None):
         if len(written) == 3:
             raise KeyboardInterrupt
-        real_append(path, record)
         written.append(record)
+        return real_append(path, record, key)
 
     monkeypatch.setattr(sweep_mod, "append_record", failing_append)
     with pytest.raises(KeyboardInterrupt):
@@ -177,12 +177,13 @@ def test_corrupt_checkpoint_is_reported_and_skipped(runs, tmp_path, capsys):
     assert len(read_records(out)) == len(records)
 
 
-def test_two_concurrent_sweeps_into_one_file_do_not_interleave(runs, tmp_path):
+def test_two_concurrent_sweeps_into_one_file_neither_interleave_nor_duplicate(runs, tmp_path):
     out = tmp_path / "both.jsonl"
-    procs = [subprocess.Popen([sys.executable, "-m", "hessian_tools", "sweep", str(runs / arch), "--out", str(out),
+    both = [str(runs / "simplegpt"), str(runs / "llama2")]
+    procs = [subprocess.Popen([sys.executable, "-m", "hessian_tools", "sweep", *order, "--out", str(out),
                                "--batches", "2", "--batch-size", "2", "--seq-len", "8", "--quiet",
                                "--what", "params,trace"], env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for arch in ("simplegpt", "llama2")]
+                              stderr=subprocess.PIPE) for order in (both, both[::-1])]
     for p in procs:
         assert p.wait() == 0, p.stderr.read()
     lines = out.read_text().splitlines()

@@ -48,7 +48,11 @@ def select_params(model: nn.Module, params) -> list[str]:
     if params is None:
         return names
     if isinstance(params, str):
-        chosen = [name for name in names if re.search(params, name)]
+        try:
+            pattern = re.compile(params)
+        except re.error as exc:
+            raise UserError(f"--params {params!r} is not a regular expression: {exc}") from None
+        chosen = [name for name in names if pattern.search(name)]
     else:
         wanted = list(params)
         unknown = [name for name in wanted if name not in names]
