@@ -121,6 +121,7 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     except c.NonFiniteProduct as exc:
         return Estimate(QUANTITY[which], None, None, "residual-bound", False, op.hvp_count - hvp0,
                         time.perf_counter() - start, settings, status=f"failed at step {basis.m + 1}: {exc}")
+    converged = converged or basis.m == n  # the basis spans the whole space: Ritz values are the eigenvalues
     theta, S, res = basis.ritz()
     idx = _wanted(theta, k, which)
     kato, gaps = zip(*(_kato_temple(theta, res, i, basis.rounding(theta)) for i in idx))
