@@ -207,6 +207,7 @@ def test_cli_json_on_a_checkpoint(trained, capsys):
     code = main(["verify-bound", str(trained), "--batch-size", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
+    assert out["self_check"]["finite"] and out["self_check"]["difference_rel"] < 1e-5  # the guard ran first
     ckpt = load_checkpoint(trained)
     names = [n for n, m in ckpt.model.named_modules() if isinstance(m, SimpleNorm)]
     assert [r["layer"] for r in out["layers"]] == names

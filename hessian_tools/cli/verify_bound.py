@@ -42,7 +42,10 @@ def run(args) -> int:
     import sys
 
     from hessian_tools.cli.common import overrides_from_args
+    import torch
+
     from hessian_tools.errors import UserError
+    from hessian_tools.operators import ParamHessian, self_check
     from models.checkpoint import load_checkpoint
     from theory.verify import Settings, verify_bound
 
@@ -50,12 +53,15 @@ def run(args) -> int:
         raise UserError("--tol must be positive and --scale positive and not 1")
     ckpt = load_checkpoint(args.checkpoint, overrides_from_args(args))
     batches = ckpt.measurement_batches(args.batches, args.batch_size, seed=args.seed)
+    guard = self_check(ParamHessian(ckpt.model, batches[:1], dtype=torch.float64), seed=args.seed)
+    print(f"self-check passed: asymmetry {guard['symmetry_rel']:.1e}, differences {guard['difference_rel']:.1e}",
+          file=sys.stderr)
     settings = Settings(tol=args.tol, scale=args.scale, seed=args.seed)
     progress = None if args.json else (lambda name: print(f"measuring {name} ...", file=sys.stderr))
     rows = verify_bound(ckpt.model, batches, args.layers, settings, progress)
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt.path), "arch": ckpt.config.arch, "step": ckpt.step,
-                          "layers": rows}, indent=1))
+                          "self_check": guard, "layers": rows}, indent=1))
     else:
         print(_table(rows))
     violated = [r["layer"] for r in rows if r["violated"]]
