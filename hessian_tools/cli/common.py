@@ -30,17 +30,15 @@ def flag_for(field: str) -> str:
 def add_model_flags(parser, skip=()):
     """Register the model shape flags (and --data), all defaulting to None.
 
-    `skip` names fields to leave out; a flag the command already defines (e.g. its own --layers) is left
-    out too, so the command's meaning wins and that setting cannot be overridden there.
+    `skip` names fields to leave out, for a command whose own flag of that name means something else.
     """
-    taken = set(parser._option_string_actions)
     group = parser.add_argument_group("model settings (override or complete what a checkpoint records)")
     for field, (flag, type_, help_) in MODEL_FLAGS.items():
-        if field in skip or flag in taken:
+        if field in skip:
             continue
         choices = ARCHS if field == "arch" else NORM_BACKENDS if field == "norm_backend" else None
         group.add_argument(flag, dest=field, type=type_, default=None, choices=choices, help=help_)
-    if "data" not in skip and DATA_FLAG not in taken:
+    if "data" not in skip:
         group.add_argument(DATA_FLAG, dest="data", default=None, metavar="FILE",
                            help="UTF-8 text file (default: the embedded pydoc corpus)")
 

@@ -46,7 +46,7 @@ def add_measure_flags(p, data_spread: bool = True):
     d.add_argument("--distributed", action="store_true",
                    help="under torchrun: each rank evaluates its share of the batches (parameter space)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    add_model_flags(p)  # --seq-len above is the measurement length; --context-len sets the model's
+    add_model_flags(p, skip=("seq_len",))  # --seq-len above is the measurement length; --context-len the model's
     p.add_argument("--context-len", dest="seq_len", type=int, default=None, metavar="T",
                    help="context length of a foreign checkpoint that does not record it")
 

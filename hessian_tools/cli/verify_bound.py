@@ -21,7 +21,7 @@ def add_parser(subparsers, name):
     p.add_argument("--scale", type=float, default=2.0, help="factor c of the weight-scale check (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement batches and Lanczos start")
     p.add_argument("--json", action="store_true", help='print {"layers": [...]} as one JSON object')
-    add_model_flags(p)
+    add_model_flags(p, skip=("n_layers",))  # --layers here selects the layers to verify
     p.set_defaults(run=run)
 
 
