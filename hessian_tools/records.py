@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ERROR_KINDS = ("residual-bound", "kato-temple", "standard-error", "group-std", "bootstrap", "none")
+ERROR_KINDS = ("certified", "probabilistic", "measured", "residual-bound", "estimate", "standard-error", "group-std",
+               "bootstrap", "none")
 
 
 def _finite_or_none(x: float | None) -> float | None:
