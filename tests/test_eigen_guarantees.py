@@ -128,14 +128,15 @@ def test_bottom_and_magnitude_follow_the_same_rules(which):
 
 
 def test_power_iteration_interval_holds_in_a_cluster():
-    """Power iteration's residual says only that SOME eigenvalue is near; its interval for |lambda|_max holds."""
+    """Power iteration's residual says only that SOME eigenvalue is near: in the cluster it stops after ~20 products
+    with the residual interval missing lambda_max in most trials (15 of 20); its interval for |lambda|_max holds."""
+    eigs = np.concatenate([CLUSTER, np.linspace(-0.5, 0.0, 56)])
     misses_old_style = 0
     for trial in range(20):
-        est = power_iteration(DenseOperator(symmetric_with_spectrum(CLUSTERED, seed=trial)), tol=TOL, seed=trial,
-                              max_iter=3000)
+        est = power_iteration(DenseOperator(symmetric_with_spectrum(eigs, seed=trial)), tol=TOL, seed=trial)
         lo, hi = est.payload["interval"]
         assert lo <= 1.0 <= hi and abs(abs(est.value) - 1.0) <= est.error
         assert est.error_kind == "probabilistic" and est.payload["certified_side"] == "lower"
         t, r = est.payload["eigenvalues"][0], est.payload["residuals"][0]
         misses_old_style += not abs(t - 1.0) <= r
-    assert misses_old_style >= 1  # the residual interval alone would have missed lambda_max
+    assert misses_old_style >= 10  # the residual interval alone would have missed lambda_max
