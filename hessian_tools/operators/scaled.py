@@ -53,6 +53,7 @@ class ScaledOperator(CurvatureOperator):
 
     scaled = "diagonal"
     convention = "D H D for a diagonal D"
+    input_dtype = torch.float64  # v reaches D unrounded; `op` rounds D v to its dtype once
 
     def __init__(self, op, scale, details: dict | None = None):
         super().__init__(op.shape[0], op.dtype, op.device)
