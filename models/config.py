@@ -10,6 +10,7 @@ ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 LLAMA_FAMILY = ("llama2", "llama2_qknorm", "simplegpt")
 GPT2_FAMILY = ("gpt2", "simplegpt_gpt2")
 NORM_BACKENDS = ("auto", "torch", "triton")
+SITE_ROLES = ("block_in", "attn_in", "ffn_in", "block_out")  # activation sites by role: models.sites.role_sites
 
 
 def llama_ffn_hidden(dim: int, multiple_of: int = 32) -> int:

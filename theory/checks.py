@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from hessian_tools.estimators.lanczos import lanczos
-from hessian_tools.operators.base import CurvatureOperator
+from hessian_tools.operators.adam_preconditioned import AdamPreconditioned, AdamState
 from hessian_tools.operators.param_hessian import ParamHessian
 from models.gpt import math_attention, next_token_loss
 from theory import closed_forms as cf
@@ -243,49 +243,17 @@ def check_lr_link(model, batch, factors=(1.9, 2.1), steps: int = 60, kick: float
             "runs": runs, "pass": low["stable"] and high["diverging"]}
 
 
-class _Preconditioned(CurvatureOperator):
-    """S = P^-1/2 H P^-1/2 for a diagonal P: symmetric, with the eigenvalues of P^-1 H."""
-
-    kind = "preconditioned"
-
-    def __init__(self, op, inv_sqrt_p: torch.Tensor):
-        super().__init__(op.shape[0], torch.float64, torch.device("cpu"))
-        self.op, self.scale = op, inv_sqrt_p
-
-    @property
-    def mode(self) -> str:
-        return self.op.mode
-
-    def _matvec(self, v):
-        return self.scale * self.op.matvec(self.scale * v)
-
-    def _matmat(self, V):
-        return self.scale[:, None] * self.op.matmat(self.scale[:, None] * V)
-
-    def settings(self) -> dict:
-        return {"kind": self.kind, "operator": self.op.settings()}
-
-
 def check_adam_sharpness(ckpt, batches, tol: float = 1e-6, seed: int = 0) -> dict:
     """Adam's preconditioned sharpness lambda_max(P^-1 H), P = diag(sqrt(v_hat) + eps) from the checkpoint's
-    optimizer state (v_hat = v / (1 - beta2^step)), beside the threshold (2 + 2 beta1) / ((1 - beta1) lr)
-    for the peak lr and for the lr of the checkpoint's step (models.train's schedule and AdamW settings).
-    pass: the Lanczos estimate converged (the numbers are reported, not judged)."""
-    from models.train import TrainConfig, lr_at, make_optimizer
-
-    cfg = TrainConfig(**ckpt.meta["train_config"])
-    defaults = make_optimizer(ckpt.model, cfg).defaults
-    (beta1, beta2), eps = defaults["betas"], defaults["eps"]
-    state = ckpt.optimizer_state()
-    diag = []
-    for name, p in ckpt.model.named_parameters():
-        v, step = state[name]["exp_avg_sq"].to(torch.float64), float(state[name]["step"])
-        diag.append((v / (1 - beta2**step)).sqrt().add(eps).reshape(-1))
-    inv_sqrt_p = torch.cat(diag).rsqrt()
-    op = _Preconditioned(ParamHessian(ckpt.model, batches, dtype=torch.float64), inv_sqrt_p)
+    optimizer state (hessian_tools.operators.AdamPreconditioned states the convention), beside the threshold
+    (2 + 2 beta1) / ((1 - beta1) lr) for the peak lr and for the lr of the checkpoint's step (models.train's
+    schedule and AdamW settings). pass: the Lanczos estimate converged (the numbers are reported, not judged)."""
+    state = AdamState.from_checkpoint(ckpt)
+    op = AdamPreconditioned(ParamHessian(ckpt.model, batches, dtype=torch.float64), state)
     est = lanczos(op, k=1, which="largest", tol=tol, seed=seed)
+    beta1 = state.beta1
     threshold = lambda lr: (2 + 2 * beta1) / ((1 - beta1) * lr) if lr > 0 else math.inf  # noqa: E731
-    lr_now = lr_at(cfg, ckpt.step - 1) if ckpt.step else cfg.lr
     return {"check": "adam_sharpness", "preconditioned_sharpness": est.value, "error": est.error,
-            "beta1": beta1, "lr_peak": cfg.lr, "threshold_peak": threshold(cfg.lr), "lr_at_step": lr_now,
-            "threshold_at_step": threshold(lr_now), "step": ckpt.step, "pass": est.converged}
+            "beta1": beta1, "lr_peak": state.lr_peak, "threshold_peak": threshold(state.lr_peak),
+            "lr_at_step": state.lr_at_step, "threshold_at_step": threshold(state.lr_at_step), "step": ckpt.step,
+            "pass": est.converged}

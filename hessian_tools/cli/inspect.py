@@ -1,4 +1,4 @@
-"""`hessian-tools inspect CKPT`: architecture, config, parameter count, step and measurement sites."""
+"""`hessian-tools inspect CKPT`: architecture, config, parameter count, step, measurement sites and their roles."""
 
 from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags
 
@@ -14,7 +14,7 @@ def add_parser(subparsers, name):
 
 def describe(ckpt) -> dict:
     """JSON-able summary of a loaded checkpoint."""
-    from models.sites import list_sites
+    from models.sites import list_sites, role_sites
 
     return {
         "path": str(ckpt.path),
@@ -24,6 +24,7 @@ def describe(ckpt) -> dict:
         "n_params": sum(p.numel() for p in ckpt.model.parameters()),
         "step": ckpt.step,
         "sites": list_sites(ckpt.model),
+        "roles": role_sites(ckpt.model),
     }
 
 
@@ -45,4 +46,7 @@ def run(args) -> int:
     print(f"sites ({len(info['sites'])}):")
     for site in info["sites"]:
         print(f"  {site}")
+    print("sites by role (--role ROLE --layer I; the same roles in every architecture):")
+    for layer, roles in enumerate(info["roles"]):
+        print(f"  layer {layer}: " + ", ".join(f"{role} = {site}" for role, site in roles.items()))
     return 0

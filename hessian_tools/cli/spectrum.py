@@ -1,7 +1,8 @@
 """`hessian-tools spectrum CKPT`: extreme Hessian eigenvalues (Lanczos or power iteration) with certified bounds.
 
-Parameter space (all parameters or `--params REGEX`) or activation space at `--site`; the Hessian of the mean
-next-token loss over the measurement batches. Lanczos stops when every wanted Ritz pair has a residual
+Parameter space (all parameters or `--params REGEX`) or activation space at `--site` (or `--role R --layer I`);
+the Hessian of the mean next-token loss over the measurement batches, in raw coordinates or, for comparisons
+between architectures, rescaled: `--scaled layer|elementwise|adam` (parameters), `--scale-free` (activations). Lanczos stops when every wanted Ritz pair has a residual
 <= tol * |theta|; the error is that residual bound. Power iteration finds the largest-magnitude eigenvalues.
 """
 
