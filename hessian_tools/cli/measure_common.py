@@ -103,7 +103,8 @@ class Measurement:
             command=a.command, checkpoint=str(self.ckpt.path), arch=self.ckpt.config.arch, step=self.ckpt.step,
             version=__version__, n_batches=len(self.batches), batch_size=a.batch_size,
             seq_len=int(self.batches[0][0].shape[-1]), data_seed=a.seed,
-            world_size=getattr(self.op, "world_size", 1))
+            world_size=getattr(self.op, "world_size", 1), tokens=self.ckpt.token_provenance(),
+            settings_from=self.ckpt.settings_from)
         out = record.to_dict()
         if spread is not None:
             out["data_spread"] = spread.to_dict()
@@ -151,11 +152,10 @@ def _check_flags(args):
 
 def prepare(args) -> Measurement:
     """Load, draw batches, build and guard the operator (one line on stderr per step that takes time)."""
-    from hessian_tools.cli.common import overrides_from_args
+    from hessian_tools.cli.common import open_from_args
     from hessian_tools.errors import UserError
     from hessian_tools.operators import self_check
     from hessian_tools.operators.sites import list_sites
-    from models.checkpoint import load_checkpoint
 
     _check_flags(args)
     rank = 0
@@ -163,7 +163,7 @@ def prepare(args) -> Measurement:
         from hessian_tools.distributed import init_distributed
 
         rank, _ = init_distributed()
-    ckpt = load_checkpoint(args.checkpoint, overrides_from_args(args))
+    ckpt = open_from_args(args)
     if args.space == "activation" and not args.site:
         raise UserError(f"--space activation needs --site NAME; valid sites: {', '.join(list_sites(ckpt.model))}")
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
