@@ -59,6 +59,10 @@ def _allowed_globals() -> dict:
     return allowed
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, file, allowed: dict):
         super().__init__(file)
@@ -66,7 +70,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.allowed:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+            raise _Refused(f"refused global {module}.{name}")
         return self.allowed[(module, name)]
 
 
@@ -79,7 +83,7 @@ def read_metadata(path: Path):
     try:
         with open(file, "rb") as f:
             meta = _MetadataUnpickler(f, _allowed_globals()).load()
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise UserError(f"{file}: not a DCP metadata file ({first_line(exc)}); nothing from it was executed") \
             from None
     except Exception as exc:  # truncated or malformed pickles raise many types
