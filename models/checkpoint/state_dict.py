@@ -125,10 +125,10 @@ def check_state(state: dict, model: nn.Module, file, hint: str = ""):
     unknown = sorted(set(state) - set(expected))
     if unknown:
         raise UserError(f"{file}: unknown keys {unknown[:3]}{' ...' if len(unknown) > 3 else ''} "
-                        f"for {model.config.arch}; is --arch right?")
+                        f"for {model.config.arch}; is --arch right?{hint}")
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise UserError(f"{file}: missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise UserError(f"{file}: missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''}{hint}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise UserError(f"{file}: wrong shape for {key}: the file has {tuple(tensor.shape)}, the "
