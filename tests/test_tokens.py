@@ -184,3 +184,13 @@ def test_cli_records_the_token_source(nanogpt_ckpt, tmp_path, capsys):
     prov = record["provenance"]
     assert prov["tokens"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     assert prov["tokens"]["path"] == str(file.resolve()) and prov["settings_from"]["overrides"] == {}
+
+
+def test_verify_bound_takes_the_token_flags(nanogpt_ckpt, tmp_path, capsys):
+    file = write_bin(tmp_path / "val.bin", random_ids(400))
+    argv = ["verify-bound", str(nanogpt_ckpt), "--tokens", str(file), "--batch-size", "2", "--layers", r"c_fc$",
+            "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert [r["layer"] for r in out["layers"]] == ["transformer.h.0.mlp.c_fc"]
