@@ -14,6 +14,7 @@ position) and described for provenance by its files and their SHA-256.
 
 import functools
 import hashlib
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,17 +136,21 @@ def token_file_stream(path) -> TokenStream:
     return _token_file(str(file), stat.st_mtime_ns, stat.st_size)
 
 
+def _library(name: str, path: Path, what: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{path}: reading {what} needs the `{name}` package: pip install {name} (or pip install "
+                        "'hessian-tools[tokenizers]')") from None
+
+
 class _HFTokenizer:
     kind = "huggingface tokenizer.json"
 
     def __init__(self, path: Path):
+        tokenizers = _library("tokenizers", path, "a tokenizer.json")
         try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise UserError(f"{path}: reading a tokenizer.json needs the `tokenizers` package: pip install "
-                            "tokenizers (or pip install 'hessian-tools[tokenizers]')") from None
-        try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust library raises a bare Exception for malformed files
             raise UserError(f"{path}: not a Hugging Face tokenizer.json ({str(exc).splitlines()[0][:120]})") from None
 
@@ -157,12 +162,7 @@ class _SentencePiece:
     kind = "sentencepiece"
 
     def __init__(self, path: Path):
-        try:
-            import sentencepiece
-        except ImportError:
-            raise UserError(f"{path}: reading a SentencePiece .model needs the `sentencepiece` package: pip install "
-                            "sentencepiece (or pip install 'hessian-tools[tokenizers]')") from None
-        self._sp = sentencepiece.SentencePieceProcessor()
+        self._sp = _library("sentencepiece", path, "a SentencePiece .model").SentencePieceProcessor()
         try:
             self._sp.Load(str(path))
         except (OSError, RuntimeError) as exc:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from checkpoint_checks import assert_adam_state_of
 from safetensors.torch import save_file
 
 from hessian_tools.cli import main
@@ -243,13 +244,8 @@ def test_nanogpt_optimizer_state_is_mapped_to_parameter_names(layout, tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
                 "model_args": model_args, "iter_num": 3, "best_val_loss": 2.0, "config": {"beta2": 0.95}}, path)
-    ckpt = load_checkpoint(path)
-    moments, settings = ckpt.optimizer_state(), ckpt.adam_settings()
-    params = dict(model.named_parameters())
-    assert moments.keys() == settings.keys() == params.keys()
-    for name, p in params.items():
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(moments[name][field], opt.state[p][field]), (name, field)
+    settings = assert_adam_state_of(load_checkpoint(path), model, opt)
+    for name, p in model.named_parameters():
         decayed = p.dim() >= 2 and (layout == "current" or name not in ("transformer.wte.weight",
                                                                          "transformer.wpe.weight"))
         assert settings[name] == {"lr": 6e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1 * decayed}

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from checkpoint_checks import assert_adam_state_of
 from reference_llama import KINDS, reference_logits, reference_state
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -93,12 +94,8 @@ def test_full_training_state_of_every_reference_model(name, tmp_path):
     ckpt = open_model(path)  # heads, context and RoPE base from freqs_cis, kv heads from wk's rows
     assert ckpt.meta["layout"] == "full" and ckpt.step == 2
     assert_same_model(ckpt, model)
-    moments, settings = ckpt.optimizer_state(), ckpt.adam_settings()
-    params = dict(model.named_parameters())
-    assert moments.keys() == settings.keys() == params.keys()
-    for name_, p in params.items():
-        for field in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(moments[name_][field], opt.state[p][field]), (name_, field)
+    settings = assert_adam_state_of(ckpt, model, opt)
+    for name_ in settings:
         assert settings[name_] == {"lr": pytest.approx(sched.get_last_lr()[0]), "betas": (0.9, 0.95), "eps": 1e-8,
                                    "weight_decay": 0.05}
     assert ckpt.adam_second_moments()["output.weight"].shape == (VOCAB, DIM)

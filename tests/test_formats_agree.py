@@ -9,6 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import transformers
+from checkpoint_checks import perturbed
 from reference_llama import reference_state
 
 from hessian_tools.estimators import lanczos
@@ -38,14 +39,6 @@ def token_file(tmp_path):
     return path
 
 
-def perturbed(model):
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def assert_same_top(values: dict, reference: float, rel: float = 1e-8):
     for name, value in values.items():
         assert abs(value - reference) <= rel * abs(reference), (name, value, reference)
@@ -56,7 +49,7 @@ def test_llama2_dcp_pt_and_hf_agree(tmp_path, token_file):
     hf = perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=2 * SEQ, rope_theta=10000.0, rms_norm_eps=1e-5,
-        attn_implementation="eager")))
+        attn_implementation="eager")), scale=0.2)
     hf.save_pretrained(tmp_path / "hf")
     model = open_model(tmp_path / "hf").model  # the same weights in torchtitan's names and RoPE layout
     state = reference_state(model, SEQ)
@@ -75,7 +68,7 @@ def test_gpt2_nanogpt_dcp_and_hf_agree(tmp_path, token_file):
     torch.manual_seed(0)
     hf = perturbed(transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2, activation_function="gelu",
-        attn_implementation="eager")))
+        attn_implementation="eager")), scale=0.2)
     hf.save_pretrained(tmp_path / "hf")
     model = open_model(tmp_path / "hf").model
     args = dict(n_layer=1, n_head=2, n_embd=8, block_size=SEQ, bias=True, vocab_size=VOCAB, dropout=0.0)
@@ -91,7 +84,7 @@ def test_gpt2_nanogpt_dcp_and_hf_agree(tmp_path, token_file):
 def test_simplegpt_dcp_and_pt_agree(tmp_path, token_file):
     torch.manual_seed(0)
     model = perturbed(build_model(GPTConfig(arch="simplegpt", vocab_size=VOCAB, dim=8, n_layers=1, n_heads=2,
-                                            n_kv_heads=1, seq_len=2 * SEQ, norm_backend="torch")))
+                                            n_kv_heads=1, seq_len=2 * SEQ, norm_backend="torch")), scale=0.2)
     state = reference_state(model, SEQ)
     torch.save(state, tmp_path / "ref.pt")
     dcp.save({"model": state}, checkpoint_id=tmp_path / "step-1")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from checkpoint_checks import perturbed
 from safetensors.torch import load_file, save_file
 
 from hessian_tools.errors import UserError
@@ -19,15 +20,6 @@ from models.checkpoint.hf import to_toolkit
 VOCAB, SEQ = 32, 12
 IDX = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
 BATCHES = [(IDX[:, :-1], IDX[:, 1:])]
-
-
-def perturbed(model):
-    """transformers initialises norms to 1 and biases to 0: make every tensor matter for the mapping."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def gpt2(**kw):
