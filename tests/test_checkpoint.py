@@ -254,3 +254,18 @@ def test_nanogpt_optimizer_state_is_mapped_to_parameter_names(layout, tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": state, "model_args": model_args}, path)
     with pytest.raises(UserError, match="matches neither of nanoGPT's parameter-group layouts"):
         load_checkpoint(path)
+
+
+def test_checkpoints_written_before_the_new_config_fields_still_load(tmp_path):
+    """meta.json of earlier versions lacks n_kv_heads, multiple_of, ffn_dim_multiplier, qk_norm_scope,
+    tie_embeddings and gelu_approximate: they default to the behaviour of then."""
+    for arch in ("llama2_qknorm", "gpt2"):
+        model = model_of(arch)
+        path = save_checkpoint(tmp_path / arch, 1, model, None, {})
+        meta = json.loads((path / "meta.json").read_text())
+        new = ("n_kv_heads", "multiple_of", "ffn_dim_multiplier", "qk_norm_scope", "tie_embeddings", "gelu_approximate")
+        meta["model_config"] = {k: v for k, v in meta["model_config"].items() if k not in new}
+        (path / "meta.json").write_text(json.dumps(meta))
+        ckpt = load_checkpoint(path)
+        assert ckpt.config == model.config
+        same_logits(ckpt, model)

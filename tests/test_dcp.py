@@ -254,3 +254,28 @@ def test_chunks_of_a_two_rank_save_are_assembled(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(ckpt.model.state_dict()[key], value), key
     assert_same_model(ckpt, model)
+
+
+def test_adam_interface_of_a_toolkit_run_and_of_its_dcp_save_agree(tmp_path):
+    """What preconditioned sharpness reads (second moments, steps, betas, eps, weight decay) is the same from a
+    toolkit run's checkpoint and from the same model and AdamW state saved as a torchtitan DCP checkpoint."""
+    from models.checkpoint import load_checkpoint
+    from models.train import TrainConfig, make_optimizer, train
+
+    cfg = TrainConfig(arch="llama2", dim=16, n_layers=1, n_heads=2, seq_len=8, batch_size=2, steps=3, save_every=0,
+                      warmup=1, norm_backend="torch", device="cpu")
+    train(cfg, tmp_path / "run", progress=False)
+    native = load_checkpoint(tmp_path / "run")
+    opt = make_optimizer(native.model, cfg)
+    native.restore_optimizer(opt)
+    state = {"model": reference_state(native.model, 4),
+             "optimizer": get_optimizer_state_dict(native.model, opt,
+                                                   options=StateDictOptions(flatten_optimizer_state_dict=True))}
+    dcp.save(state, checkpoint_id=tmp_path / "step-3")
+    foreign = open_model(tmp_path / "step-3")
+    assert_adam_state_of(foreign, native.model, opt)
+    ours, theirs = native.adam_settings(), foreign.adam_settings()
+    for name in ours:
+        assert {k: ours[name][k] for k in ("betas", "eps", "weight_decay")} == \
+               {k: theirs[name][k] for k in ("betas", "eps", "weight_decay")}
+    assert {s["weight_decay"] for s in ours.values()} == {0.0, cfg.weight_decay}
