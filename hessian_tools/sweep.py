@@ -15,7 +15,7 @@ n_batches, batch_size, seq_len and seed) and the same seeded probes. Lanczos is 
 checkpoint's top Ritz vector of the same run and measure, mixed with 10 % of the seeded random start so that
 no direction is missing from the start vector; warm starts live in memory, so a restarted sweep starts cold.
 
-A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, dtype,
+A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, tokens, dtype,
 measure, site, settings hash). Restart: units whose key (run, step, measure, site, settings hash) already has
 a record with a status other than "error" are skipped; an error is retried, and written again only when its
 message changed. Records are appended with hessian_tools.results_io (one locked write per line).
@@ -472,7 +472,6 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
                 batch_cache[run_key] = ckpt.measurement_batches(settings.n_batches, settings.batch_size,
                                                                 settings.seq_len, seed=settings.seed)
             batches = batch_cache[run_key]
-            spec["tokens"] = ckpt.token_provenance()
             for unit in todo:
                 bar.set_postfix_str(f"{unit.run_dir.name} step {unit.step} {unit.measure} {unit.site or ''}".strip())
                 try:
@@ -481,7 +480,8 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
                     print(f"hessian-tools sweep: {checkpoint} {unit.measure} {unit.site or ''}: {exc}", file=log)
                     write_error(unit, str(exc), ckpt.config.to_dict(), spec)
                 else:
-                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec))
+                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec),
+                                                 tokens=ckpt.token_provenance())
                     if append_record(out, record.to_dict(), key=record_key):
                         counts["measured"] += 1
                     else:

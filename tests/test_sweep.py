@@ -241,8 +241,8 @@ def test_cli_sweep_on_a_token_file(runs, tmp_path, capsys):
     assert main(argv) == 0 and main([*argv, "--tokens", str(tmp_path / "val.npy")]) == 0
     assert "2 measured" in capsys.readouterr().out.splitlines()[-1]
     plain, tokens = read_records(out)[:2], read_records(out)[2:]
-    assert [r["provenance"]["batches"]["tokens"]["source"] for r in plain + tokens] == ["char"] * 2 + ["tokens"] * 2
-    assert tokens[0]["provenance"]["batches"]["tokens"]["n_tokens"] == 300
+    assert [r["provenance"]["tokens"]["source"] for r in plain + tokens] == ["char"] * 2 + ["tokens"] * 2
+    assert tokens[0]["provenance"]["tokens"]["n_tokens"] == 300
     assert tokens[0]["provenance"]["settings_hash"] != plain[0]["provenance"]["settings_hash"]
     assert tokens[0]["value"] != plain[0]["value"]
     np.save(tmp_path / "big.npy", ids + 103)

@@ -33,7 +33,7 @@ def read_torch(file, what: str = "file"):
         if "Weights only load failed" in str(exc):
             raise UserError(f"{what}: holds pickled objects beyond tensors and plain containers, which are never "
                             "unpickled here (weights_only=True); re-save it as a plain state dict or as "
-                            "safetensors") from None
+                            "safetensors (a torchtitan run: open its DCP step-N/ directory itself)") from None
         raise UserError(f"{what}: cannot read it (truncated or corrupt): {first_line(exc)}") from None
     except Exception as exc:  # torch raises many types for truncated/corrupt files
         raise UserError(f"{what}: cannot read it (truncated, corrupt or not a torch.save file): "
