@@ -207,6 +207,7 @@ def tokenizer_stream(tokenizer, spec: DataSpec) -> TokenStream:
 def char_stream(spec: DataSpec, heldout, vocab: int) -> TokenStream:
     """The held-out split (an int64 torch tensor) of a character-tokenized text, with its provenance."""
     corpus = load_corpus(spec.path)
-    provenance = {"source": "char", "text": spec.name, "text_sha256": hashlib.sha256(corpus.encode("utf-8")).hexdigest(),
+    provenance = {"source": "char", "text": spec.name,
+                  "text_sha256": hashlib.sha256(corpus.encode("utf-8")).hexdigest(),
                   "vocab": vocab, "n_tokens": len(heldout), "split": f"held-out last {spec.heldout_fraction:g}"}
     return TokenStream(heldout.numpy(), provenance, spec.name, "held-out split")

@@ -37,7 +37,8 @@ def llama(**kw):
     return perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **kw})))
 
 
-MODELS = {"gpt2": gpt2, "llama_gqa": llama, "llama_tied": lambda: llama(tie_word_embeddings=True, num_key_value_heads=4)}
+MODELS = {"gpt2": gpt2, "llama_gqa": llama,
+          "llama_tied": lambda: llama(tie_word_embeddings=True, num_key_value_heads=4)}
 
 
 def hf_loss(model, batch):

@@ -20,7 +20,8 @@ from hessian_tools.errors import UserError
 from models.checkpoint.files import first_line, read_weights
 from models.foreign_names import HF_GPT2_CONFIG, HF_GPT2_CONV1D, HF_LLAMA_CONFIG, HF_LLAMA_NAMES
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
