@@ -1,6 +1,7 @@
 """torchtitan job configs (TOML): the model a SimpleGPT-reference run trained, as GPTConfig settings.
 
-Read: [model] name, flavor, norm_type (and tokenizer_path), [training] seq_len. The name and flavor pick a
+Read: [model] name, flavor, norm_type (and tokenizer_path), [training] seq_len, [optimizer] lr (the peak
+learning rate of the schedule). The name and flavor pick a
 row of models.flavors; vocab_size is not in the file (the reference takes it from its tokenizer) and comes
 from the checkpoint's shapes. The RoPE table of the reference holds 2 * [training] seq_len positions, which
 is the context length (GPTConfig.seq_len) recorded here; measurements default to [training] seq_len.
@@ -34,9 +35,11 @@ class JobConfig:
     settings: dict
     training_seq_len: int
     tokenizer_path: str | None
+    lr: float | None
 
     def provenance(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256, "model_name": self.model_name, "flavor": self.flavor}
+        return {"path": self.path, "sha256": self.sha256, "model_name": self.model_name, "flavor": self.flavor,
+                "tokenizer_path": self.tokenizer_path, "lr": self.lr}
 
 
 def _section(data: dict, name: str, path) -> dict:
@@ -58,6 +61,7 @@ def read_job_config(path) -> JobConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a valid TOML job config ({str(exc).splitlines()[0]})") from None
     model, training = _section(data, "model", path), _section(data, "training", path)
+    lr = _section(data, "optimizer", path).get("lr")
     name, flavor = model.get("name"), model.get("flavor")
     if name not in REFERENCE_MODELS:
         raise UserError(f"{path}: [model] name {name!r} is not a model of the SimpleGPT reference; known names: "
@@ -81,4 +85,5 @@ def read_job_config(path) -> JobConfig:
                 "rope_theta": float(args["rope_theta"]), "norm_eps": args["norm_eps"], "seq_len": 2 * seq_len}
     tokenizer = model.get("tokenizer_path")
     return JobConfig(str(path), hashlib.sha256(raw).hexdigest(), name, flavor, settings, seq_len,
-                     tokenizer if isinstance(tokenizer, str) else None)
+                     tokenizer if isinstance(tokenizer, str) else None,
+                     float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None)

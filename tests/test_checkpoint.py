@@ -243,8 +243,11 @@ def test_nanogpt_optimizer_state_is_mapped_to_parameter_names(layout, tmp_path):
     model_args = dict(n_layer=2, n_head=HEADS, n_embd=DIM, block_size=SEQ, bias=True, vocab_size=VOCAB, dropout=0.0)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
-                "model_args": model_args, "iter_num": 3, "best_val_loss": 2.0, "config": {"beta2": 0.95}}, path)
-    settings = assert_adam_state_of(load_checkpoint(path), model, opt)
+                "model_args": model_args, "iter_num": 3, "best_val_loss": 2.0,
+                "config": {"beta2": 0.95, "learning_rate": 1e-3}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.peak_lr() == 1e-3  # the schedule's peak; the optimizer held 6e-4
+    settings = assert_adam_state_of(ckpt, model, opt)
     for name, p in model.named_parameters():
         decayed = p.dim() >= 2 and (layout == "current" or name not in ("transformer.wte.weight",
                                                                          "transformer.wpe.weight"))

@@ -279,3 +279,4 @@ def test_adam_interface_of_a_toolkit_run_and_of_its_dcp_save_agree(tmp_path):
         assert {k: ours[name][k] for k in ("betas", "eps", "weight_decay")} == \
                {k: theirs[name][k] for k in ("betas", "eps", "weight_decay")}
     assert {s["weight_decay"] for s in ours.values()} == {0.0, cfg.weight_decay}
+    assert native.peak_lr() == cfg.lr and foreign.peak_lr() is None  # a DCP save alone does not record it

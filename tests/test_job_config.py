@@ -75,6 +75,7 @@ def test_weights_only_export_opens_with_its_job_config(tmp_path, capsys):
     ckpt = open_model(tmp_path / "step-100", job_config=job)
     assert ckpt.config == cfg and ckpt.step == 100 and ckpt.config.qk_norm_scope == "all"
     assert ckpt.settings_from["job_config"]["flavor"] == "20M" and ckpt.settings_from["training_seq_len"] == 8
+    assert ckpt.peak_lr() == 1e-3 and ckpt.settings_from["job_config"]["tokenizer_path"] == "./tokenizer.model"
     text = tmp_path / "own.txt"
     text.write_text("".join(chr(0x100 + i) for i in range(64)) * 4)
     (idx, _), = open_model(tmp_path / "step-100", job_config=job, data=text).measurement_batches(1, 2)

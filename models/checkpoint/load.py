@@ -91,6 +91,14 @@ class Checkpoint:
             raise UserError(f"{self.path}: records no optimizer settings (lr, betas, eps)")
         return settings
 
+    def peak_lr(self) -> float | None:
+        """The schedule's peak learning rate, where the source records it (a toolkit run's train config, a
+        torchtitan job config's [optimizer] lr, nanoGPT's config learning_rate), else None."""
+        if self.is_toolkit and "train_config" in self.meta:
+            return float(self.meta["train_config"]["lr"])
+        job = self.settings_from.get("job_config") or {}
+        return job.get("lr") or self.meta.get("learning_rate")
+
     def restore_optimizer(self, optimizer):
         """Load this checkpoint's AdamW state into `optimizer`, built over self.model's parameters."""
         state = self.optimizer_state()
@@ -213,8 +221,7 @@ def open_model(source, *, tokens=None, tokenizer=None, data=None, job_config=Non
         state = complete_tied_head(state, config)
         file, run_dir, hint = path, None, ""
         if job is not None:
-            settings_from.update(job_config={**job.provenance(), "tokenizer_path": job.tokenizer_path},
-                                 training_seq_len=job.training_seq_len)
+            settings_from.update(job_config=job.provenance(), training_seq_len=job.training_seq_len)
             hint = f" (the job config {job.path} says {job.model_name} {job.flavor}: is it this run's?)"
     model = build_model(config)
     check_state(state, model, file, hint)

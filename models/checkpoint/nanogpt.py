@@ -75,6 +75,9 @@ def read_nanogpt(obj: dict, file):
     args = obj["model_args"]
     recorded = {NANOGPT_MODEL_ARGS[k]: v for k, v in args.items() if k in NANOGPT_MODEL_ARGS}
     meta = {"format": "nanogpt", "model_args": args}
+    config = obj.get("config")
+    if isinstance(config, dict) and isinstance(config.get("learning_rate"), (int, float)):
+        meta["learning_rate"] = float(config["learning_rate"])  # train.py's peak lr
     if "iter_num" in obj:
         meta["step"] = int(obj["iter_num"])
     moments = settings = None
