@@ -115,7 +115,8 @@ class Measurement:
             command=a.command, checkpoint=str(self.ckpt.path), arch=self.ckpt.config.arch, step=self.ckpt.step,
             version=__version__, n_batches=len(self.batches), batch_size=a.batch_size,
             seq_len=int(self.batches[0][0].shape[-1]), data_seed=a.seed,
-            world_size=getattr(self.op, "world_size", 1))
+            world_size=getattr(self.op, "world_size", 1), tokens=self.ckpt.token_provenance(),
+            settings_from=self.ckpt.settings_from)
         out = record.to_dict()
         if spread is not None:
             out["data_spread"] = spread.to_dict()
@@ -184,11 +185,10 @@ def _check_flags(args):
 
 def prepare(args) -> Measurement:
     """Load, draw batches, build and guard the operator (one line on stderr per step that takes time)."""
-    from hessian_tools.cli.common import overrides_from_args
+    from hessian_tools.cli.common import open_from_args
     from hessian_tools.errors import UserError
     from hessian_tools.operators import ScaledOperator, self_check
     from hessian_tools.operators.sites import list_sites
-    from models.checkpoint import load_checkpoint
     from models.sites import role_site
 
     _check_flags(args)
@@ -197,7 +197,7 @@ def prepare(args) -> Measurement:
         from hessian_tools.distributed import init_distributed
 
         rank, _ = init_distributed()
-    ckpt = load_checkpoint(args.checkpoint, overrides_from_args(args))
+    ckpt = open_from_args(args)
     if args.role:
         args.site = role_site(ckpt.model, args.role, args.layer)
     if args.space == "activation" and not args.site:

@@ -34,20 +34,22 @@ class AdamState:
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> "AdamState":
-        """From a toolkit checkpoint of a `train` run (its optimizer.safetensors and train config); a one-line
-        UserError for a checkpoint without optimizer state."""
-        from models.train import TrainConfig, lr_at, make_optimizer
-
+        """From any checkpoint that holds AdamW state (a toolkit `train` run, a full torchtitan DCP directory, a
+        nanoGPT ckpt.pt): its second moments and steps, and the betas, eps and lr its optimizer held
+        (`Checkpoint.adam_settings`); a one-line UserError for a checkpoint without them. beta1, beta2 and eps
+        must be the same for every parameter."""
         state = ckpt.optimizer_state()
-        if "train_config" not in ckpt.meta:
-            raise UserError(f"{ckpt.path}: records no train config, so Adam's beta2 and eps are unknown")
-        cfg = TrainConfig(**ckpt.meta["train_config"])
-        defaults = make_optimizer(ckpt.model, cfg).defaults
-        (beta1, beta2), eps = defaults["betas"], defaults["eps"]
+        settings = ckpt.adam_settings()
+        shared = {(tuple(s["betas"]), float(s["eps"])) for s in settings.values()}
+        if len(shared) != 1:
+            raise UserError(f"{ckpt.path}: its parameter groups use different Adam betas or eps ({sorted(shared)}); "
+                            "the preconditioned sharpness needs one set")
+        ((beta1, beta2), eps), = shared
+        lrs = {float(s["lr"]) for s in settings.values()}
         moments = {name: s["exp_avg_sq"] for name, s in state.items() if "exp_avg_sq" in s}
         steps = {name: int(s["step"]) for name, s in state.items() if "step" in s}
-        lr_now = lr_at(cfg, ckpt.step - 1) if ckpt.step else cfg.lr
-        return cls(moments, steps, float(beta1), float(beta2), float(eps), cfg.lr, lr_now)
+        return cls(moments, steps, float(beta1), float(beta2), eps, ckpt.peak_lr(),
+                   lrs.pop() if len(lrs) == 1 else None)
 
     def denominator(self, name: str) -> torch.Tensor:
         """sqrt(v / (1 - beta2^t)) + eps for parameter `name` (float64)."""
