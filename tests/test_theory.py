@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from hessian_tools import UserError
 from hessian_tools.cli import main
 from models.checkpoint import load_checkpoint
 from models.config import GPTConfig
@@ -179,8 +180,37 @@ def test_verify_bound_holds_on_every_layer(arch):
         # a plain map changes under W -> 2W, unless a norm follows it (QK-norm after wq, wk)
         qk_normed = arch == "llama2_qknorm" and r["layer"].endswith(("wq", "wk"))
         assert r["scale_invariance"]["invariant"] == qk_normed, r
-        if r["feeding_norm"]:
-            assert r["prenorm_bound"] > 0
+        if r["feeding_norm"]:  # the pre-norm bound against the Hessian it bounds (norm input, this map only)
+            assert r["prenorm_measured"] > 0 and not r["prenorm_violated"], r
+            assert r["prenorm_bound"] >= r["prenorm_measured"] - r["prenorm_measured_error"], r
+
+
+@pytest.mark.parametrize("arch,name,norm", [("llama2", "layers.0.attention.wq", "layers.0.attention_norm"),
+                                            ("llama2", "layers.0.feed_forward.w3", "layers.0.ffn_norm"),
+                                            ("gpt2", "transformer.h.0.attn.c_attn", "transformer.h.0.ln_1"),
+                                            ("gpt2", "transformer.h.0.mlp.c_fc", "transformer.h.0.ln_2")])
+def test_prenorm_site_is_the_hessian_the_prenorm_bound_bounds(arch, name, norm):
+    """The twin's site NAME.norm:in = d^2/dx^2 L(W Norm(x)) exactly (closed forms of the norm as a SimpleNorm)."""
+    result = checks.check_prenorm_split(tiny(arch), [batch(0), batch(1)], name, norm)
+    assert result["pass"], result
+
+
+def test_prenorm_twin_refuses_a_norm_that_feeds_no_linear_map():
+    with pytest.raises(UserError, match="feeds more than the linear maps"):
+        vb.prenorm_twin(tiny("simplegpt"), batch(), "layers.0.attention.snq.norm")
+
+
+@pytest.mark.parametrize("factor", [1e-300, 0.1])
+def test_a_shrunk_prenorm_bound_is_flagged(monkeypatch, factor):
+    """The pre-norm bound is within 10x of the measured Hessian here (bound / measured 2.7 at wv after 30 Adam
+    steps), so a tenth of it, like 1e-300 times it, is below the measurement."""
+    real = cf.prenorm_bound
+    monkeypatch.setattr(cf, "prenorm_bound", lambda *a: factor * real(*a))
+    model = tiny("llama2")
+    checks.fit_batch(model, batch(), steps=30)
+    (row,) = vb.verify_bound(model, [batch()], pattern="attention.wv")
+    assert row["feeding_norm"] == "layers.0.attention_norm"
+    assert row["prenorm_violated"] and row["violated"], row
 
 
 def test_feeding_norms_find_the_pre_norms():

@@ -14,6 +14,7 @@ from hessian_tools.estimators.lanczos import lanczos
 from hessian_tools.operators.adam_preconditioned import AdamPreconditioned, AdamState
 from hessian_tools.operators.param_hessian import ParamHessian
 from models.gpt import math_attention, next_token_loss
+from models.norms import LayerNorm
 from theory import closed_forms as cf
 from theory import verify as vb
 
@@ -37,6 +38,32 @@ def check_split(model, batches, name: str, n_vectors: int = 3, seed: int = 0) ->
         gn = cf.vjp(layer, hyy.matvec(cf.jvp(layer, v).reshape(-1)).view_as(g))
         errors.append(_rel(gn + cf.curvature_matvec(layer, g, v), hxx.matvec(v.reshape(-1)).view_as(v)))
     return {"check": "split", "layer": name, "max_rel_error": max(errors), "tol": ROUNDOFF,
+            "pass": max(errors) <= ROUNDOFF}
+
+
+def check_prenorm_split(model, batches, name: str, norm: str, n_vectors: int = 3, seed: int = 0) -> dict:
+    """The Hessian that closed_forms.prenorm_bound bounds, measured at `name.norm:in` of verify.prenorm_twin,
+    against the closed forms of the norm as a SimpleNorm (W = I for RMSNorm, the centring I - 11^T/m for
+    LayerNorm, d = m): J^T (W^T H_yy W) J v + C(W^T g) v, H_yy and g from the engine at `name:out`.
+    pass when the relative difference is at round-off."""
+    model = vb.float64_copy(model)
+    nm, weight = model.get_submodule(norm), model.get_submodule(name).weight.detach()
+    x = vb.module_inputs(model, batches, norm)
+    m = x.shape[1]
+    eye = torch.eye(m, dtype=torch.float64)
+    lift = eye - 1.0 / m if isinstance(nm, LayerNorm) else eye
+    layer = cf.SimpleNormLayer(x, lift, nm.weight.detach(), nm.eps)
+    hyy = vb.site_hessian(model, batches, f"{name}:out")
+    g = hyy.gradient().view(x.shape[0], -1)
+    hxx = vb.site_hessian(vb.prenorm_twin(model, batches[0], norm), batches, f"{name}.norm:in")
+    gen = torch.Generator().manual_seed(seed)
+    errors = []
+    for _ in range(n_vectors):
+        v = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        hn = hyy.matvec((cf.jvp(layer, v) @ weight.T).reshape(-1)).view_as(g) @ weight
+        closed = cf.vjp(layer, hn) + cf.curvature_matvec(layer, g @ weight, v)
+        errors.append(_rel(closed, hxx.matvec(v.reshape(-1)).view_as(v)))
+    return {"check": "prenorm_split", "layer": name, "norm": norm, "max_rel_error": max(errors), "tol": ROUNDOFF,
             "pass": max(errors) <= ROUNDOFF}
 
 

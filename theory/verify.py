@@ -4,7 +4,8 @@ For every SimpleNorm layer (models.norms.SimpleNorm) the row holds the measured 
 its Lanczos residual bound, the bound of theory/simplenorm.md section 5 from the layer's tensors and the
 measured ||H_yy|| at `NAME:out`, the tightness ratio bound / measured, ||C|| / ||GN|| from the closed forms
 and a weight-scale check (W -> c W). A baseline's block linear maps get the plain bound ||W||^2 ||H_yy||
-(and, when a norm feeds them, the pre-norm bound through that norm). Hessians are of the weighted mean loss
+and, when a norm feeds them, the pre-norm bound through that norm beside the measured Hessian it bounds (at
+the norm's input, along this linear map only: `prenorm_twin`). Hessians are of the weighted mean loss
 over the batches, taken in float64; `NAME:in` perturbs the input of this module only (a forward pre-hook),
 even when the same tensor also feeds other modules. A bound is violated when measured - error > bound.
 """
@@ -99,6 +100,41 @@ def feeding_norms(model: nn.Module, batch) -> dict:
         for h in handles:
             h.remove()
     return {lin: norm for lin, norm in fed.items() if norm is not None}
+
+
+class ThroughNorm(nn.Module):
+    """lin(norm(x)): a linear map applying its own copy of the norm that feeds it (see `prenorm_twin`)."""
+
+    def __init__(self, norm: nn.Module, lin: nn.Module):
+        super().__init__()
+        self.norm, self.lin = norm, lin
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def prenorm_twin(model: nn.Module, batch, norm: str) -> nn.Module:
+    """A float64 copy computing the same function, in which the norm `norm` is an identity and every linear
+    map LIN it feeds is ThroughNorm(copy of the norm, LIN). The site `LIN.norm:in` is then the norm's input x
+    as seen along LIN only: its Hessian is that of x -> L(W Norm(x)), what closed_forms.prenorm_bound bounds
+    (L the loss as a function of LIN's output, site `LIN.lin:out` = `LIN:out` of the model).
+    UserError if the twin's logits differ (the norm's output feeds something other than linear maps)."""
+    twin = float64_copy(model)
+    fed = [lin for lin, n in feeding_norms(twin, batch).items() if n == norm]
+    norm_module = twin.get_submodule(norm)
+    for lin in fed:
+        _replace(twin, lin, ThroughNorm(copy.deepcopy(norm_module), twin.get_submodule(lin)))
+    _replace(twin, norm, nn.Identity())
+    with torch.no_grad(), math_attention():
+        reference, logits = float64_copy(model)(batch[0]), twin(batch[0])
+    if not torch.allclose(logits, reference, rtol=1e-12, atol=1e-12):
+        raise UserError(f"the output of {norm} feeds more than the linear maps {fed}: no pre-norm site for it")
+    return twin
 
 
 def bound_layers(model: nn.Module, pattern: str | None = None) -> list[tuple[str, str]]:
@@ -203,25 +239,38 @@ def check_simplenorm(model, batches, name: str, s: Settings) -> dict:
                  "eps_effect": eps_effect, "hvp_count": measured.hvp_count + hyy_est.hvp_count + gn_norm.hvp_count})
 
 
+def prenorm_check(model, batches, name: str, norm: str, g: torch.Tensor, hyy_norm: float, s: Settings) -> dict:
+    """The pre-norm bound of linear `name` fed by `norm` (closed_forms.prenorm_bound, from g = dl/dy rows and
+    ||H_yy|| at `name:out`) beside the measured Hessian it bounds, at `name.norm:in` of `prenorm_twin`."""
+    nm, weight = model.get_submodule(norm), model.get_submodule(name).weight.detach()
+    bound = cf.prenorm_bound(module_inputs(model, batches, norm), nm.weight.detach(), nm.eps,
+                             isinstance(nm, LayerNorm), weight, g, hyy_norm)
+    measured = _norm(site_hessian(prenorm_twin(model, batches[0], norm), batches, f"{name}.norm:in"), s)
+    return {"feeding_norm": norm, "prenorm_bound": bound, "prenorm_measured": measured.value,
+            "prenorm_measured_error": measured.error,
+            "prenorm_violated": is_violated(measured.value, measured.error, bound)}
+
+
 def check_linear(model, batches, name: str, s: Settings, norm: str | None = None) -> dict:
     """One row for a plain linear map: H_xx = W^T H_yy W exactly, so C = 0; bound ||W||^2 ||H_yy||.
-    With `norm` (the norm module feeding it) the pre-norm bound through that norm is added."""
+    With `norm` (the norm module feeding it) the pre-norm bound through that norm and the Hessian it bounds
+    are added (`prenorm_check`); `violated` then covers both bounds."""
     module = model.get_submodule(name)
     hyy = site_hessian(model, batches, f"{name}:out")
     measured, hyy_est = hxx_norm(model, batches, name, s), _norm(hyy, s)
     hyy_norm = hyy_est.value + hyy_est.error
     bound = cf.linear_bound(module.weight.detach(), hyy_norm)
     extra = {"weight_norm": cf.spectral_norm_2(module.weight.detach()), "hyy_norm": hyy_norm,
-             "hyy_error": hyy_est.error, "feeding_norm": norm, "prenorm_bound": None}
+             "hyy_error": hyy_est.error, "feeding_norm": None, "prenorm_bound": None, "prenorm_measured": None,
+             "prenorm_measured_error": None, "prenorm_violated": False}
     if norm is not None:
-        nm = model.get_submodule(norm)
         g = hyy.gradient().view(-1, module.weight.shape[0])
-        extra["prenorm_bound"] = cf.prenorm_bound(
-            module_inputs(model, batches, norm), nm.weight.detach(), nm.eps, isinstance(nm, LayerNorm),
-            module.weight.detach(), g, hyy_norm)
+        extra.update(prenorm_check(model, batches, name, norm, g, hyy_norm, s))
     scale = _scale_check(model, batches, name, module.weight, measured, s)
     scale["pass"] = None  # nothing to judge: a plain map followed by a norm (QK-norm) is invariant too
-    return _row(name, "linear", measured, bound, 0.0, scale, extra)
+    row = _row(name, "linear", measured, bound, 0.0, scale, extra)
+    row["violated"] = row["violated"] or extra["prenorm_violated"]
+    return row
 
 
 def is_violated(measured: float, error: float, bound: float) -> bool:
