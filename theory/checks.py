@@ -18,7 +18,6 @@ from models.norms import LayerNorm
 from theory import closed_forms as cf
 from theory import verify as vb
 
-ROUNDOFF = 1e-10  # relative float64 agreement of two exact computations through tiny models
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,8 +36,8 @@ def check_split(model, batches, name: str, n_vectors: int = 3, seed: int = 0) ->
         v = torch.randn(layer.x.shape, generator=gen, dtype=torch.float64)
         gn = cf.vjp(layer, hyy.matvec(cf.jvp(layer, v).reshape(-1)).view_as(g))
         errors.append(_rel(gn + cf.curvature_matvec(layer, g, v), hxx.matvec(v.reshape(-1)).view_as(v)))
-    return {"check": "split", "layer": name, "max_rel_error": max(errors), "tol": ROUNDOFF,
-            "pass": max(errors) <= ROUNDOFF}
+    return {"check": "split", "layer": name, "max_rel_error": max(errors), "tol": vb.ROUNDOFF,
+            "pass": max(errors) <= vb.ROUNDOFF}
 
 
 def check_prenorm_split(model, batches, name: str, norm: str, n_vectors: int = 3, seed: int = 0) -> dict:
@@ -63,8 +62,8 @@ def check_prenorm_split(model, batches, name: str, norm: str, n_vectors: int = 3
         hn = hyy.matvec((cf.jvp(layer, v) @ weight.T).reshape(-1)).view_as(g) @ weight
         closed = cf.vjp(layer, hn) + cf.curvature_matvec(layer, g @ weight, v)
         errors.append(_rel(closed, hxx.matvec(v.reshape(-1)).view_as(v)))
-    return {"check": "prenorm_split", "layer": name, "norm": norm, "max_rel_error": max(errors), "tol": ROUNDOFF,
-            "pass": max(errors) <= ROUNDOFF}
+    return {"check": "prenorm_split", "layer": name, "norm": norm, "max_rel_error": max(errors), "tol": vb.ROUNDOFF,
+            "pass": max(errors) <= vb.ROUNDOFF}
 
 
 def check_m_constant(dim: int = 8, n_draws: int = 2000, seed: int = 0) -> dict:
@@ -100,16 +99,34 @@ def check_m_constant(dim: int = 8, n_draws: int = 2000, seed: int = 0) -> dict:
             and max(closed_errors) <= 1e-12}
 
 
-def _input_scaled(model, name: str, c: float):
-    """A float64 copy whose module `name` sees c times its input (a forward pre-hook, kept by copies)."""
+EPS_STEP = 1e-4  # relative step of the central difference in eps (truncation ~1e-8, round-off ~1e-12)
+HX_TOL = 1e-8
+
+
+def _eps_scaled(model, name: str, factor: float):
+    """A float64 copy whose SimpleNorm `name` has its RMSNorm eps multiplied by `factor`."""
     twin = vb.float64_copy(model)
+    twin.get_submodule(name).norm.eps *= factor
+    return twin
+
+
+def _input_scaled(model, name: str, c: float):
+    """A float64 copy whose module `name` sees c times its input (a forward pre-hook, kept by copies) and has
+    its RMSNorm eps multiplied by c^2: the exact symmetry of the implemented layer, y(c x; c^2 eps) = y(x; eps)."""
+    twin = _eps_scaled(model, name, c**2)
     twin.get_submodule(name).register_forward_pre_hook(lambda _m, args: (c * args[0],) + tuple(args[1:]))
     return twin
 
 
 def check_identities(model, batches, name: str, c: float = 3.0, n_vectors: int = 2, seed: int = 0) -> dict:
-    """At SimpleNorm `name`: J x = 0 (autograd jvp of the module, relative to ||y||), H_xx x = -dl/dx and
-    c^2 H_xx(c x) = H_xx(x) (engine HVPs; x scaled at this module's input only)."""
+    """At SimpleNorm `name`, the identities of theory/simplenorm.md section 8 in their exact form for eps >= 0,
+    all from l(c x; c^2 eps) = l(x; eps):
+    ||J x_t|| / ||y_t|| = t_t = d eps / s_t^2 (autograd jvp of the module; 0 at eps = 0);
+    H_xx x + dl/dx = -2 eps d(dl/dx)/d eps (engine HVP and gradients; the eps derivative by a central difference
+    of relative step EPS_STEP; 0 at eps = 0);
+    c^2 H_xx(c x; c^2 eps) = H_xx(x; eps) (x scaled at this module's input only).
+    Errors are relative to ||y_t||, ||dl/dx|| and ||H_xx v||; each must be at round-off (vb.ROUNDOFF), the one
+    with the difference quotient within HX_TOL (its truncation error, ~EPS_STEP^2)."""
     model = vb.float64_copy(model)
     module = model.get_submodule(name)
     hxx = vb.site_hessian(model, batches, f"{name}:in")
@@ -117,38 +134,60 @@ def check_identities(model, batches, name: str, c: float = 3.0, n_vectors: int =
     x = layer.x
     with torch.no_grad():
         y, jx = torch.func.jvp(module, (x,), (x,))
-    jx_rel = float((jx.norm(dim=-1) / y.norm(dim=-1)).max())
+    t = (layer.d * layer.eps / layer.s.pow(2)).squeeze(-1)
+    jx_rel = float(((jx.norm(dim=-1) / y.norm(dim=-1) - t).abs()).max())
     grad = hxx.gradient()
-    hx_rel = _rel(hxx.matvec(x.reshape(-1)), -grad)
+    grads = [vb.site_hessian(_eps_scaled(model, name, 1 + h), batches, f"{name}:in").gradient()
+             for h in (EPS_STEP, -EPS_STEP)]
+    eps_term = (grads[0] - grads[1]) / EPS_STEP  # 2 eps d(dl/dx)/d eps
+    hx_rel = float((hxx.matvec(x.reshape(-1)) + grad + eps_term).norm() / grad.norm())
     scaled = vb.site_hessian(_input_scaled(model, name, c), batches, f"{name}:in")
     gen = torch.Generator().manual_seed(seed)
     hc_rel = 0.0
     for _ in range(n_vectors):
         v = torch.randn(hxx.shape[0], generator=gen, dtype=torch.float64)
         hc_rel = max(hc_rel, _rel(c**2 * scaled.matvec(v), hxx.matvec(v)))
-    eps_effect = vb.eps_size(layer)
-    tol = 1e-9 + 4 * eps_effect
-    return {"check": "identities", "layer": name, "jx_rel": jx_rel, "hx_plus_grad_rel": hx_rel,
-            "scaled_hessian_rel": hc_rel, "c": c, "eps_effect": eps_effect, "tol": tol,
-            "pass": max(jx_rel, hx_rel, hc_rel) <= tol}
+    return {"check": "identities", "layer": name, "jx_minus_t": jx_rel, "hx_rel": hx_rel, "hx_tol": HX_TOL,
+            "scaled_hessian_rel": hc_rel, "tol": vb.ROUNDOFF, "c": c, "eps_effect": vb.eps_size(layer),
+            "pass": jx_rel <= vb.ROUNDOFF and hx_rel <= HX_TOL and hc_rel <= vb.ROUNDOFF}
 
 
 def check_scale_invariance(simple_model, simple_layer: str, baseline_model, baseline_layer: str, batches,
                            settings: vb.Settings = vb.Settings()) -> dict:
-    """W -> cW: ||H_xx|| at a SimpleNorm input is unchanged; at a plain linear input of a pre-norm baseline it
-    changes, and stays under the plain bound ||cW||^2 ||H_yy(cW)|| recomputed at the scaled weights."""
+    """W -> cW at a SimpleNorm and at a plain linear map of a pre-norm baseline.
+
+    SimpleNorm: the exact symmetry (W, eps) -> (cW, c^2 eps) leaves ||H_xx|| unchanged to its error bars and
+    round-off, so W -> cW alone changes it by eps's doing only (verify._scale_check).
+    Linear y = W x: H_xx(cW) = c^2 W^T H_yy(cW) W exactly, H_yy taken where the scaled layer puts y; so
+    ratio = ||H_xx(cW)|| / ||H_xx(W)|| = c^2 hyy_move with hyy_move = ||W^T H_yy(cW) W|| / ||W^T H_yy(W) W||:
+    exactly c^2 when the downstream Hessian does not move, and off c^2 by exactly how far it moves.
+    pass: the SimpleNorm's exact symmetry holds, the linear ratio equals c^2 hyy_move within the Lanczos error
+    bars, and the plain bound holds before and after."""
     simple = vb.check_simplenorm(vb.float64_copy(simple_model), batches, simple_layer, settings)
     base_model = vb.float64_copy(baseline_model)
     base = vb.check_linear(base_model, batches, baseline_layer, settings)
     weight = base_model.get_submodule(baseline_layer).weight
+    w0, c = weight.detach().clone(), settings.scale
     with torch.no_grad():
-        weight.mul_(settings.scale)
+        weight.mul_(c)
     scaled = vb.check_linear(base_model, batches, baseline_layer, settings)
-    s_ratio, b_ratio = simple["scale_invariance"]["ratio"], base["scale_invariance"]["ratio"]
-    return {"check": "scale_invariance", "c": settings.scale, "simplenorm_ratio": s_ratio,
-            "simplenorm_eps_effect": simple["eps_effect"], "linear_ratio": b_ratio,
-            "linear_bound_ratio": scaled["bound"] / base["bound"], "c_squared": settings.scale**2,
-            "pass": simple["scale_invariance"]["invariant"] and not base["scale_invariance"]["invariant"]
+    hyy = vb.site_hessian(base_model, batches, f"{baseline_layer}:out")
+    n, d = hyy.shape[0] // w0.shape[0], w0.shape[0]
+    pulled = vb.TokenOperator(lambda v: hyy.matvec((v @ w0.T).reshape(-1)).view(n, d) @ w0, n, w0.shape[1],
+                              "W^T H_yy(cW) W")
+    moved = vb._norm(pulled, settings)
+    hyy_move = moved.value / base["measured"]
+    ratio = scaled["measured"] / base["measured"]
+    # relative error bars of the two sides of ratio = c^2 hyy_move
+    err = (scaled["measured_error"] + c**2 * moved.error) / base["measured"] + (ratio + c**2 * hyy_move) * (
+        base["measured_error"] / base["measured"]) + vb.ROUNDOFF
+    s_scale = simple["scale_invariance"]
+    return {"check": "scale_invariance", "c": c, "simplenorm_ratio": s_scale["ratio"],
+            "simplenorm_ratio_exact": s_scale["ratio_exact"], "simplenorm_eps_output_change": s_scale["eps_output_change"],
+            "simplenorm_eps_effect": simple["eps_effect"], "linear_ratio": ratio, "c_squared": c**2,
+            "hyy_move": hyy_move, "linear_c2_error": abs(ratio - c**2 * hyy_move), "linear_c2_tol": err,
+            "linear_bound_ratio": scaled["bound"] / base["bound"],
+            "pass": s_scale["exact"] and abs(ratio - c**2 * hyy_move) <= err
             and not base["violated"] and not scaled["violated"]}
 
 
