@@ -191,15 +191,83 @@ def check_scale_invariance(simple_model, simple_layer: str, baseline_model, base
             and not base["violated"] and not scaled["violated"]}
 
 
-def check_gn_dominance(models_by_width: dict, batches, settings: vb.Settings = vb.Settings(tol=1e-4)) -> dict:
-    """||C|| / ||GN|| per SimpleNorm layer for models of several widths {d: model}, against the prediction
-    bound(C) / bound(GN) = (2/sqrt(3)) kappa / sqrt(d), kappa = max_t ||g_t|| / (gamma_max ||H_yy||) (min/max over
-    tokens of s_t aside). kappa is a property of the loss around the layer and need not stay fixed across
-    models, so the d^-1/2 law is tested on the normalised ratio (||C|| / ||GN||) / kappa: the slope of the
-    log of its median over layers against log d is set beside -1/2 (the raw ratio's slope is reported too).
-    pass: the normalised ratio falls with width (slope < 0) and every measured ||C||, ||GN|| is under its
-    own bound term (to its error bar)."""
+GN_SLOPE_TOL = 0.05  # finite-width drift of ||M|| / ||v|| (about -0.025 over widths 16-256) plus sampling
+
+
+def _haar(d: int, gen) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _split_norms(layer: cf.SimpleNormLayer, g: torch.Tensor, hyy: torch.Tensor) -> tuple[float, float]:
+    """(||C||, ||GN||) of a one-token layer, dense from the closed forms (m copies of the token, one per column)."""
+    m = layer.x.shape[1]
+    copies = cf.SimpleNormLayer(layer.x.expand(m, m), layer.weight, layer.gamma, layer.eps)
+    eye = torch.eye(m, dtype=torch.float64)
+    c = cf.curvature_matvec(copies, g.expand(m, -1), eye)  # row k = C e_k
+    j = cf.jvp(copies, eye).T  # (d, m)
+    return float(torch.linalg.matrix_norm(c, 2)), float(torch.linalg.matrix_norm(j.T @ hyy @ j, 2))
+
+
+def log_slope(widths, values) -> float:
+    """The least-squares slope of log(values) against log(widths)."""
+    return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
+
+
+def check_gn_dominance_law(widths=(16, 32, 64, 128, 256), n_draws: int = 8, seed: int = 0) -> dict:
+    """The d^-1/2 law of theory/simplenorm.md section 7 on measured ||C|| / ||GN|| where the theory predicts it.
+
+    bound(C) / bound(GN) = (2/sqrt(3)) kappa / sqrt(d); the measured ratio follows it where kappa is held fixed
+    and the two bounds are equally tight at every width. One token, gamma = 1, eps = 0, ||g|| = ||H_yy|| = 1
+    (kappa = 1), m = d:
+    worst case: W orthogonal, v at arccos(1/sqrt(3)) to u, H_yy = h h^T with h orthogonal to u: both bounds
+    are attained, so the ratio is (2/sqrt(3)) / sqrt(d) exactly (worst_case_rel_error at round-off);
+    random: W and H_yy's eigenvectors Haar, its eigenvalues uniform, x Gaussian, g uniform on the sphere:
+    ||C|| / ||GN|| = ||M|| / (sqrt(d) ||P H_yy P||), whose median over n_draws falls with slope -1/2 up to
+    the drift of ||M|| / ||v|| -> 1 (|u.v| ~ d^-1/2). pass: |slope + 1/2| <= GN_SLOPE_TOL and the worst case
+    exact."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    medians, worst_errors = [], []
+    for d in widths:
+        ones, ratios = torch.ones(d, dtype=torch.float64), []
+        for _ in range(n_draws):
+            layer = cf.SimpleNormLayer(randn(1, d), _haar(d, gen), ones, 0.0)
+            g = randn(1, d)
+            q = _haar(d, gen)
+            eigenvalues = torch.rand(d, generator=gen, dtype=torch.float64)
+            c_norm, gn_norm = _split_norms(layer, g / g.norm(), (q * eigenvalues / eigenvalues.max()) @ q.T)
+            ratios.append(c_norm / gn_norm)
+        medians.append(float(np.median(ratios)))
+        layer = cf.SimpleNormLayer(randn(1, d), _haar(d, gen), ones, 0.0)
+        u = layer.z[0] / layer.z[0].norm()
+        h = randn(d)
+        h -= u * (u @ h)
+        h /= h.norm()
+        c_norm, gn_norm = _split_norms(layer, cf.worst_case_v(u, randn(d))[None], torch.outer(h, h))
+        worst_errors.append(abs(c_norm / gn_norm * math.sqrt(d) / cf.TWO_OVER_SQRT3 - 1))
+    slope = log_slope(widths, medians)
+    return {"check": "gn_dominance_law", "widths": list(widths), "median_ratio": medians, "slope": slope,
+            "predicted_slope": -0.5, "tol": GN_SLOPE_TOL, "worst_case_rel_error": max(worst_errors),
+            "pass": len(widths) >= 4 and abs(slope + 0.5) <= GN_SLOPE_TOL and max(worst_errors) <= vb.ROUNDOFF}
+
+
+MODEL_SLOPE_TOL = 0.25  # real models: each bound's tightness drifts with width (seeds 0-3, widths 16-128: -0.40 to -0.63)
+
+
+def check_gn_dominance(models_by_width: dict, batches, settings: vb.Settings = vb.Settings(tol=1e-4),
+                       tol: float = MODEL_SLOPE_TOL) -> dict:
+    """||C|| / ||GN|| per SimpleNorm layer for models of at least 4 widths {d: model},
+    against the prediction bound(C) / bound(GN) = (2/sqrt(3)) kappa / sqrt(d), kappa = max_t ||g_t|| /
+    (gamma_max ||H_yy||) (min/max over tokens of s_t aside). kappa is a property of the loss around the layer and
+    changes with width, so the law is tested on the normalised ratio (||C|| / ||GN||) / kappa: the slope of the
+    log of its median over layers against log d must be -1/2 within `tol` (the raw ratio's slope is reported
+    too). In a real model the law holds only as far as both bounds are equally tight at every width, which no
+    theorem gives (check_gn_dominance_law tests it where they are), hence the wider, empirical default tol.
+    pass: that slope, and every measured ||C||, ||GN|| under its own bound term (to its error bar)."""
     widths, raw, normalised, within = sorted(models_by_width), [], [], True
+    if len(widths) < 4:
+        raise ValueError(f"the slope of the d^-1/2 law needs at least 4 widths, got {widths}")
     per_width = {}
     for d in widths:
         model = vb.float64_copy(models_by_width[d])
@@ -219,11 +287,10 @@ def check_gn_dominance(models_by_width: dict, batches, settings: vb.Settings = v
         normalised.append(float(np.median(scaled)))
         per_width[d] = {"median_ratio": raw[-1], "min_ratio": min(ratios), "max_ratio": max(ratios),
                         "median_normalised": normalised[-1]}
-    log_d = np.log(widths)
-    slope = float(np.polyfit(log_d, np.log(normalised), 1)[0])
-    raw_slope = float(np.polyfit(log_d, np.log(raw), 1)[0])
+    slope = log_slope(widths, normalised)
     return {"check": "gn_dominance", "widths": widths, "per_width": per_width, "normalised_slope": slope,
-            "raw_slope": raw_slope, "predicted_slope": -0.5, "pass": slope < 0 and bool(within)}
+            "raw_slope": log_slope(widths, raw), "predicted_slope": -0.5, "tol": tol,
+            "pass": abs(slope + 0.5) <= tol and bool(within)}
 
 
 def _param_vector(model) -> torch.Tensor:
