@@ -294,7 +294,7 @@ def check_linear(model, batches, name: str, s: Settings, norm: str | None = None
         g = hyy.gradient().view(-1, module.weight.shape[0])
         extra.update(prenorm_check(model, batches, name, norm, g, hyy_norm, s))
     scale = _scale_check(model, batches, name, module.weight, measured, s)
-    scale["pass"] = None  # nothing to judge: a plain map followed by a norm (QK-norm) is invariant too
+    scale["pass"] = None  # nothing to judge: a map followed by a norm (QK-norm) is invariant up to its eps
     row = _row(name, "linear", measured, bound, 0.0, scale, extra)
     row["violated"] = row["violated"] or extra["prenorm_violated"]
     return row
