@@ -30,7 +30,7 @@ def _table(rows) -> str:
     lines = [head]
     for r in rows:
         s = r["scale_invariance"]
-        verdict = "invariant" if s["invariant"] else "changes"
+        verdict = {"eps": f"changes by eps alone (y moves {s.get('eps_output_change', 0):.1e})"}.get(s["verdict"], s["verdict"])
         lines.append(f"{r['layer']:<32} {r['measured']:>11.4e} {r['measured_error']:>9.1e} {r['bound']:>11.4e} "
                      f"{r['ratio'] or float('nan'):>8.3g} {r['c_over_gn']:>8.3g}  {s['c']:g}: {s['ratio']:.6f} {verdict}"
                      + ("  VIOLATED" if r["violated"] else ""))
