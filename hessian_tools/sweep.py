@@ -15,7 +15,7 @@ n_batches, batch_size, seq_len and seed) and the same seeded probes. Lanczos is 
 checkpoint's top Ritz vector of the same run and measure (lanczos mixes in its own seeded noise, on which its
 upper bound rests); warm starts live in memory, so a restarted sweep starts cold.
 
-A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, dtype,
+A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, tokens, dtype,
 measure, site, settings hash). Restart: units whose key (run, step, measure, site, settings hash) already has
 a record with a status other than "error" are skipped; an error is retried, and written again only when its
 message changed. Records are appended with hessian_tools.results_io (one locked write per line).
@@ -76,7 +76,8 @@ class SweepSettings:
     held-out batches of batch_size sequences of seq_len tokens (None = the model's context), chosen by seed.
     tol: relative Lanczos tolerance; dtype: evaluation dtype; n_groups: disjoint batch groups of the data
     error bar (< 2 = none). density_*: SLQ probes, Lanczos steps, fixed grid (lo, hi, points) and Gaussian
-    width; trace_matvecs: Hutch++ budget.
+    width; trace_matvecs: Hutch++ budget. tokens / tokenizer / data: the measurement tokens (models.tokens;
+    None = each run's own text); when set, their paths enter the settings hash.
     """
 
     what: tuple = ("params",)
@@ -95,6 +96,9 @@ class SweepSettings:
     density_grid: tuple = (-50.0, 450.0, 1001)
     density_width: float = 2.5
     trace_matvecs: int = 30
+    tokens: str | None = None
+    tokenizer: str | None = None
+    data: str | None = None
 
     def __post_init__(self):
         what = tuple(self.what)
@@ -118,13 +122,19 @@ class SweepSettings:
             raise UserError(f"{self.n_batches} batches cannot form {self.n_groups} equal groups for the data "
                             f"error bar: pass --batches as a multiple of --groups (or --groups 0)")
         object.__setattr__(self, "density_grid", tuple(float(x) for x in self.density_grid))
+        for name, value in self.token_sources().items():  # absolute, so the settings hash is the same from any cwd
+            object.__setattr__(self, name, str(Path(value).resolve()))
         if self.steps is not None:
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
 
     def numbers(self, measure: str) -> dict:
         """The settings that determine the numbers of `measure` (its settings hash is made of these)."""
         fields = ["n_batches", "batch_size", "seq_len", "seed"] + MEASURE_FIELDS[measure]
-        return {k: getattr(self, k) for k in fields}
+        return {**{k: getattr(self, k) for k in fields}, **self.token_sources()}
+
+    def token_sources(self) -> dict:
+        """The token options that are set, for models.checkpoint.load_checkpoint."""
+        return {k: getattr(self, k) for k in ("tokens", "tokenizer", "data") if getattr(self, k) is not None}
 
     def hash(self, measure: str) -> str:
         text = json.dumps({"measure": measure, **self.numbers(measure)}, sort_keys=True)
@@ -437,7 +447,7 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
         for checkpoint, todo in by_checkpoint.items():
             config = _recorded_config(checkpoint)
             try:
-                ckpt = load_checkpoint(checkpoint)
+                ckpt = load_checkpoint(checkpoint, settings.token_sources())
             except (UserError, OSError) as exc:
                 message = f"cannot load checkpoint: {exc}"
                 print(f"hessian-tools sweep: skipping {checkpoint}: {exc}", file=log)
@@ -461,7 +471,8 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
                     print(f"hessian-tools sweep: {checkpoint} {unit.measure} {unit.site or ''}: {exc}", file=log)
                     write_error(unit, str(exc), ckpt.config.to_dict(), spec)
                 else:
-                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec))
+                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec),
+                                                 tokens=ckpt.token_provenance())
                     if append_record(out, record.to_dict(), key=record_key):
                         counts["measured"] += 1
                     else:

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hessian_tools.errors import UserError
@@ -126,16 +127,20 @@ def load_splits(spec: DataSpec, tokenizer: CharTokenizer | None = None) -> Split
     return _splits(spec, None if tokenizer is None else tokenizer.chars)
 
 
-def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int):
+def _windows(tokens, starts: torch.Tensor, seq_len: int):
+    """(idx, targets) int64 (len(starts), seq_len) windows of a 1-D torch tensor or numpy array (e.g. a memmap)."""
     offsets = starts[:, None] + torch.arange(seq_len + 1)
-    chunk = tokens[offsets]
+    if isinstance(tokens, np.ndarray):
+        chunk = torch.from_numpy(np.asarray(tokens[offsets.numpy()], dtype=np.int64))
+    else:
+        chunk = tokens[offsets]
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
-def _check_length(tokens: torch.Tensor, seq_len: int, what: str, spec: DataSpec):
+def check_length(tokens, seq_len: int, what: str, name: str):
     if len(tokens) < seq_len + 1:
         raise UserError(
-            f"{spec.name}: the {what} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"{name}: the {what} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
             "use a longer text or a smaller --seq-len"
         )
 
@@ -147,10 +152,21 @@ def step_seed(seed: int, step: int) -> int:
 
 def training_batch(splits: Splits, spec: DataSpec, step: int, batch_size: int, seq_len: int):
     """The batch of training step `step` (0-based): uniform random windows of the train split."""
-    _check_length(splits.train, seq_len, "training", spec)
+    check_length(splits.train, seq_len, "training split", spec.name)
     gen = torch.Generator().manual_seed(step_seed(spec.seed, step))
     starts = torch.randint(0, len(splits.train) - seq_len, (batch_size,), generator=gen)
     return _windows(splits.train, starts, seq_len)
+
+
+def fixed_windows(tokens, n_batches: int, batch_size: int, seq_len: int, seed: int, what: str, name: str) -> list:
+    """n_batches batches [(idx, targets)] of int64 (batch_size, seq_len) windows of the 1-D token stream `tokens`
+    (torch tensor or numpy array), their starts uniform and fixed by `seed`."""
+    if n_batches < 1 or batch_size < 1 or seq_len < 1:
+        raise UserError(f"need positive batch counts and sizes, got {n_batches} x {batch_size} x {seq_len}")
+    check_length(tokens, seq_len, what, name)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len, (n_batches, batch_size), generator=gen)
+    return [_windows(tokens, row, seq_len) for row in starts]
 
 
 def measurement_batches(spec: DataSpec, n_batches: int, batch_size: int, seq_len: int, seed: int = 0,
@@ -160,10 +176,5 @@ def measurement_batches(spec: DataSpec, n_batches: int, batch_size: int, seq_len
     The windows depend only on (spec, n_batches, batch_size, seq_len, seed), so every checkpoint of a run is
     measured on the same tokens.
     """
-    if n_batches < 1 or batch_size < 1 or seq_len < 1:
-        raise UserError(f"need positive batch counts and sizes, got {n_batches} x {batch_size} x {seq_len}")
-    splits = load_splits(spec, tokenizer)
-    _check_length(splits.heldout, seq_len, "held-out", spec)
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(splits.heldout) - seq_len, (n_batches, batch_size), generator=gen)
-    return [_windows(splits.heldout, row, seq_len) for row in starts]
+    heldout = load_splits(spec, tokenizer).heldout
+    return fixed_windows(heldout, n_batches, batch_size, seq_len, seed, "held-out split", spec.name)

@@ -57,27 +57,39 @@ def projection(cfg: GPTConfig, simple: bool, in_dim: int, out_dim: int, bias: bo
 
 
 class SplitAttention(nn.Module):
-    """Causal attention with separate q, k, v, o maps stored under the source implementation's names."""
+    """Causal attention with separate q, k, v, o maps stored under the source implementation's names.
+
+    Grouped-query attention when cfg.n_kv_heads < n_heads: k and v have n_kv_heads heads, each shared by
+    n_heads / n_kv_heads consecutive query heads (torchtitan's repeat_kv). QK-norm (`qk_norm`) normalizes q and
+    k before RoPE, per head or over all heads together (cfg.qk_norm_scope).
+    """
 
     def __init__(self, cfg: GPTConfig, names, simple: bool, qk_norm: bool, rope: bool, bias: bool = False):
         super().__init__()
-        self.names, self.n_heads, self.rope = names, cfg.n_heads, rope
-        self.dropout = cfg.dropout
-        for name in names:
-            setattr(self, name, projection(cfg, simple, cfg.dim, cfg.dim, bias))
+        self.names, self.n_heads, self.n_kv_heads, self.head_dim = names, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope, self.dropout = rope, cfg.dropout
+        for name, (d_in, d_out) in zip(names, ((cfg.dim, cfg.dim), (cfg.dim, cfg.kv_dim), (cfg.dim, cfg.kv_dim),
+                                               (cfg.dim, cfg.dim))):
+            setattr(self, name, projection(cfg, simple, d_in, d_out, bias))
+        self.qk_norm = cfg.qk_norm_scope if qk_norm else None
         if qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_backend)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_backend)
-        self.qk_norm = qk_norm
+            whole = cfg.qk_norm_scope == "all"
+            self.q_norm = RMSNorm(cfg.dim if whole else cfg.head_dim, cfg.norm_eps, cfg.norm_backend)
+            self.k_norm = RMSNorm(cfg.kv_dim if whole else cfg.head_dim, cfg.norm_eps, cfg.norm_backend)
 
     def forward(self, x, cos=None, sin=None):
         wq, wk, wv, wo = (getattr(self, name) for name in self.names)
-        heads = lambda t: t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(wq(x)), heads(wk(x)), heads(wv(x))
-        if self.qk_norm:
+        q, k, v = wq(x), wk(x), wv(x)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            repeats = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         return wo(causal_attention(q, k, v, self.dropout if self.training else 0.0))
 
 
@@ -112,16 +124,18 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """nanoGPT's MLP: c_proj(gelu(c_fc(h))), with Psi maps in `simplegpt_gpt2`."""
+    """nanoGPT's MLP: c_proj(gelu(c_fc(h))), with Psi maps in `simplegpt_gpt2`; GELU exact or tanh-approximated
+    (cfg.gelu_approximate)."""
 
     def __init__(self, cfg: GPTConfig, simple: bool):
         super().__init__()
         self.c_fc = projection(cfg, simple, cfg.dim, cfg.ffn_hidden, cfg.bias)
         self.c_proj = projection(cfg, simple, cfg.ffn_hidden, cfg.dim, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = cfg.gelu_approximate
 
     def forward(self, h):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(h))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(h), approximate=self.approximate)))
 
 
 class LlamaBlock(nn.Module):
@@ -176,7 +190,8 @@ class GPT2Block(nn.Module):
 
 
 class LlamaGPT(nn.Module):
-    """llama2, llama2_qknorm and simplegpt: RoPE, SwiGLU, final RMSNorm, untied LM head."""
+    """llama2, llama2_qknorm and simplegpt: RoPE, SwiGLU, final RMSNorm, LM head untied unless
+    cfg.tie_embeddings."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -186,6 +201,8 @@ class LlamaGPT(nn.Module):
         self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_backend)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -206,8 +223,9 @@ class LlamaGPT(nn.Module):
                 if isinstance(module, RMSNorm):
                     nn.init.ones_(module.weight)
         nn.init.ones_(self.norm.weight)
-        std = self.config.dim**-0.5
-        nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+        if not self.config.tie_embeddings:
+            std = self.config.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_embeddings(idx)

@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from hessian_tools.errors import UserError
 from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from models.config import GPT2_FAMILY
 from models.data import load_splits, training_batch
 from models.gpt import build_model, next_token_loss
+from models.sites import blocks
 from models.train_config import TrainConfig
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE = "train_config.json", "metrics.jsonl", "status.json"
@@ -66,12 +66,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def blocks(model: nn.Module) -> dict:
-    """{module name: block} of the residual blocks, in order."""
-    prefix = "transformer.h" if model.config.arch in GPT2_FAMILY else "layers"
-    return {f"{prefix}.{i}": block for i, block in enumerate(model.get_submodule(prefix))}
 
 
 def resolve_device(device: str) -> torch.device:

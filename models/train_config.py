@@ -25,6 +25,9 @@ class TrainConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     norm_backend: str = "auto"
+    n_kv_heads: int = 0
+    multiple_of: int = 32
+    ffn_dim_multiplier: float | None = None
     data: str | None = None
     heldout_fraction: float = 0.1
     batch_size: int = 16
@@ -58,7 +61,8 @@ class TrainConfig:
         return GPTConfig(
             arch=self.arch, vocab_size=vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
             seq_len=self.seq_len, ffn_hidden=self.ffn_hidden, rope_theta=self.rope_theta,
-            norm_eps=self.norm_eps, norm_backend=self.norm_backend,
+            norm_eps=self.norm_eps, norm_backend=self.norm_backend, n_kv_heads=self.n_kv_heads,
+            multiple_of=self.multiple_of, ffn_dim_multiplier=self.ffn_dim_multiplier,
         )
 
     def data_spec(self):

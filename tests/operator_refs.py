@@ -4,7 +4,7 @@ by central differences of first-order gradients; never torch.func.hessian / jacr
 import torch
 import torch.nn.functional as F
 
-from models import GPTConfig, build_model, math_attention
+from models import GPTConfig, build_model, math_attention, next_token_loss
 
 ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 
@@ -129,3 +129,31 @@ def flat_mlp_loss(model, batch):
         return F.cross_entropy(torch.func.functional_call(model, params, (batch[0],)), batch[1])
 
     return f, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def site_loss(model, batch, site, weight=1.0):
+    """a (flat) -> weight * loss with the activation at `site` replaced by activation + a, and the activation."""
+    name, end = site.rsplit(":", 1)
+    module = model.get_submodule(name)
+    seen = {}
+
+    def record(x):
+        seen.setdefault("x", x.detach())
+        return x + seen["delta"].view(x.shape) if "delta" in seen else x
+
+    if end == "out":
+        handle = module.register_forward_hook(lambda m, args, out: record(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: (record(args[0]),) + tuple(args[1:]))
+    with torch.no_grad():
+        next_token_loss(model, batch)
+
+    def f(a):
+        seen["delta"] = a
+        try:
+            with math_attention():
+                return weight * next_token_loss(model, batch)
+        finally:
+            del seen["delta"]
+
+    return f, torch.zeros(seen["x"].numel(), dtype=torch.float64), handle

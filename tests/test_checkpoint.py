@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from checkpoint_checks import assert_adam_state_of
 from safetensors.torch import save_file
 
 from hessian_tools.cli import main
@@ -198,12 +199,76 @@ def test_inspect_json_of_reference_file(ref_file, capsys):
     assert info["sites"][0] == "tok_embeddings:out" and "layers.1.feed_forward.w2:in" in info["sites"]
 
 
-def test_foreign_measurement_batches_need_a_big_enough_vocab(ref_file, tmp_path):
+def test_foreign_measurement_batches_need_the_texts_own_characters(ref_file, tmp_path):
     _, state = ref_file
     path = write(tmp_path, state, "ref.pt")
-    with pytest.raises(UserError, match="vocabulary \\(24\\) is smaller than the 103 characters.*pass --data"):
+    with pytest.raises(UserError, match=r"vocabulary \(24\) is not the 103 characters.*--tokens FILE.*--tokenizer"):
         load_checkpoint(path).measurement_batches(1, 2)
     text = tmp_path / "small.txt"
     text.write_text("abcdefgh" * 50)
-    (idx, targets), = load_checkpoint(path, {"data": str(text)}).measurement_batches(1, 2, seq_len=4)
-    assert idx.shape == (2, 4) and int(idx.max()) < 8
+    with pytest.raises(UserError, match=r"vocabulary \(24\) is not the 8 characters of .*small.txt"):
+        load_checkpoint(path, {"data": str(text)}).measurement_batches(1, 2, seq_len=4)
+    own = tmp_path / "own.txt"
+    own.write_text("".join(chr(ord("A") + i) for i in range(VOCAB)) * 20)  # exactly 24 characters: its own
+    (idx, targets), = load_checkpoint(path, {"data": str(own)}).measurement_batches(1, 2, seq_len=4)
+    assert idx.shape == (2, 4) and int(idx.max()) < VOCAB
+
+
+# ---------------------------------------------------------------- nanoGPT's optimizer state
+
+
+def nanogpt_groups(model, layout):
+    """nanoGPT's configure_optimizers: since May 2023 named_parameters() split by dim; before, the sorted names
+    of Linear weights (decay) and of biases, norm and embedding weights (no decay)."""
+    params = dict(model.named_parameters())
+    if layout == "current":
+        decay = [p for p in params.values() if p.dim() >= 2]
+        rest = [p for p in params.values() if p.dim() < 2]
+    else:
+        embeddings = ("transformer.wte.weight", "transformer.wpe.weight")
+        decay_names = sorted(n for n, p in params.items() if p.dim() >= 2 and n not in embeddings)
+        decay = [params[n] for n in decay_names]
+        rest = [params[n] for n in sorted(set(params) - set(decay_names))]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("layout", ["current", "before May 2023"])
+def test_nanogpt_optimizer_state_is_mapped_to_parameter_names(layout, tmp_path):
+    model = model_of("gpt2")
+    opt = torch.optim.AdamW(nanogpt_groups(model, layout), lr=6e-4, betas=(0.9, 0.95))
+    for _ in range(3):
+        opt.zero_grad()
+        model(IDX).logsumexp(-1).mean().backward()
+        opt.step()
+    model_args = dict(n_layer=2, n_head=HEADS, n_embd=DIM, block_size=SEQ, bias=True, vocab_size=VOCAB, dropout=0.0)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                "model_args": model_args, "iter_num": 3, "best_val_loss": 2.0,
+                "config": {"beta2": 0.95, "learning_rate": 1e-3}}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.peak_lr() == 1e-3  # the schedule's peak; the optimizer held 6e-4
+    settings = assert_adam_state_of(ckpt, model, opt)
+    for name, p in model.named_parameters():
+        decayed = p.dim() >= 2 and (layout == "current" or name not in ("transformer.wte.weight",
+                                                                         "transformer.wpe.weight"))
+        assert settings[name] == {"lr": 6e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1 * decayed}
+    state = opt.state_dict()
+    state["param_groups"] = [state["param_groups"][0], *([dict(state["param_groups"][1], params=[])] * 2)]
+    torch.save({"model": model.state_dict(), "optimizer": state, "model_args": model_args}, path)
+    with pytest.raises(UserError, match="matches neither of nanoGPT's parameter-group layouts"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_written_before_the_new_config_fields_still_load(tmp_path):
+    """meta.json of earlier versions lacks n_kv_heads, multiple_of, ffn_dim_multiplier, qk_norm_scope,
+    tie_embeddings and gelu_approximate: they default to the behaviour of then."""
+    for arch in ("llama2_qknorm", "gpt2"):
+        model = model_of(arch)
+        path = save_checkpoint(tmp_path / arch, 1, model, None, {})
+        meta = json.loads((path / "meta.json").read_text())
+        new = ("n_kv_heads", "multiple_of", "ffn_dim_multiplier", "qk_norm_scope", "tie_embeddings", "gelu_approximate")
+        meta["model_config"] = {k: v for k, v in meta["model_config"].items() if k not in new}
+        (path / "meta.json").write_text(json.dumps(meta))
+        ckpt = load_checkpoint(path)
+        assert ckpt.config == model.config
+        same_logits(ckpt, model)

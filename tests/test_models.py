@@ -54,6 +54,17 @@ def loss_fn(model, data):
     return lambda params: next_token_loss(lambda idx: functional_call(model, params, (idx,)), data)
 
 
+def central_difference(model, data, v: dict, h: float = 1e-4) -> torch.Tensor:
+    """Independent reference for H v: the central difference of the gradient along v (O(h^2) error), flat in
+    named_parameters() order."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    g = grad(loss_fn(model, data))
+    with math_attention():
+        plus = g({k: p + h * v[k] for k, p in params.items()})
+        minus = g({k: p - h * v[k] for k, p in params.items()})
+    return torch.cat([((plus[k] - minus[k]) / (2 * h)).flatten() for k in params])
+
+
 def hvp_three_ways(model, data, v):
     params = {k: p.detach() for k, p in model.named_parameters()}
     f = loss_fn(model, data)
@@ -81,14 +92,7 @@ def test_hvp_modes_agree_and_match_finite_differences(arch):
     for k in v:
         torch.testing.assert_close(fwd[k], dbl[k], atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(rev[k], dbl[k], atol=1e-10, rtol=1e-10)
-    # independent reference: central difference of the gradient along v (O(h^2) error)
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    g = grad(loss_fn(model, data))
-    h = 1e-4
-    with math_attention():
-        plus = g({k: p + h * v[k] for k, p in params.items()})
-        minus = g({k: p - h * v[k] for k, p in params.items()})
-    fd = torch.cat([((plus[k] - minus[k]) / (2 * h)).flatten() for k in v])
+    fd = central_difference(model, data, v)
     hv = torch.cat([dbl[k].flatten() for k in v])
     assert hv.norm() > 1e-3
     assert (hv - fd).norm() <= 1e-5 * hv.norm()  # truncation error ~ h^2 * third derivative
@@ -106,3 +110,33 @@ def test_sites_follow_registration_order_and_skip_containers():
     assert order == sorted(order)
     simple = list_sites(build_model(tiny("simplegpt")))
     assert "layers.1.attention.snq.lin:in" in simple and "layers.1.feed_forward.sn2.norm:out" in simple
+
+
+# Grouped-query attention (2 query heads share 1 key/value head), the reference's whole-vector QK-norm and a tied
+# Llama head, through the engine's three product modes.
+GQA = {"llama2": dict(n_kv_heads=1), "llama2_qknorm": dict(n_kv_heads=1, qk_norm_scope="all"),
+       "simplegpt": dict(n_kv_heads=1, tie_embeddings=True)}
+
+
+@pytest.mark.parametrize("arch", list(GQA))
+def test_gqa_hvp_runs_in_all_three_modes(arch):
+    from hessian_tools.operators import MODES, ParamHessian
+
+    torch.manual_seed(3)
+    model = build_model(tiny(arch, **GQA[arch])).double()
+    k = getattr(model.layers[0].attention, "wk", None) or model.layers[0].attention.snk
+    assert k.weight.shape == (8, 16)  # one key head of head_dim 8
+    data = batch(4, b=2)
+    ops = {mode: ParamHessian(model, [data], dtype=torch.float64, mode=mode) for mode in MODES}
+    n = ops["double-backward"].shape[0]
+    v = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    v /= v.norm()
+    products = {mode: op.matvec(v) for mode, op in ops.items()}
+    for mode, hv in products.items():
+        assert ops[mode].mode == mode
+        torch.testing.assert_close(hv, products["double-backward"], atol=1e-10, rtol=1e-10)
+    params = dict(model.named_parameters())
+    direction = {k: t.view(p.shape) for (k, p), t in zip(params.items(), v.split([p.numel() for p in params.values()]))}
+    fd = central_difference(model, data, direction)
+    hv = products["rev-rev"]
+    assert hv.norm() > 1e-3 and (hv - fd).norm() <= 1e-5 * hv.norm()

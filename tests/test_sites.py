@@ -2,44 +2,15 @@
 
 import pytest
 import torch
-from operator_refs import confirmed_dense_hessian, rel, tiny_gpt, token_batches
+from operator_refs import confirmed_dense_hessian, rel, site_loss, tiny_gpt, token_batches
 from torch import nn
 
 import hessian_tools
 from hessian_tools.errors import UserError
 from hessian_tools.operators import ActivationHessian
-from models import math_attention, next_token_loss
 from models.sites import list_sites
 
 TOL = 1e-9
-
-
-def site_loss(model, batch, site, weight=1.0):
-    """a (flat) -> weight * loss with the activation at `site` replaced by activation + a, and the activation."""
-    name, end = site.rsplit(":", 1)
-    module = model.get_submodule(name)
-    seen = {}
-
-    def record(x):
-        seen.setdefault("x", x.detach())
-        return x + seen["delta"].view(x.shape) if "delta" in seen else x
-
-    if end == "out":
-        handle = module.register_forward_hook(lambda m, args, out: record(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda m, args: (record(args[0]),) + tuple(args[1:]))
-    with torch.no_grad():
-        next_token_loss(model, batch)
-
-    def f(a):
-        seen["delta"] = a
-        try:
-            with math_attention():
-                return weight * next_token_loss(model, batch)
-        finally:
-            del seen["delta"]
-
-    return f, torch.zeros(seen["x"].numel(), dtype=torch.float64), handle
 
 
 def test_sites_lists_the_models_sites():

@@ -229,3 +229,22 @@ def test_cli_sweep(runs, tmp_path, capsys):
     assert "0 measured, 2 already" in capsys.readouterr().out
     assert main(["sweep", str(runs / "llama2"), "--out", str(out), "--what", "bogus"]) == 2
     assert "unknown --what bogus" in capsys.readouterr().err
+
+
+def test_cli_sweep_on_a_token_file(runs, tmp_path, capsys):
+    """--tokens measures every checkpoint on the file's ids: recorded in the provenance and in the settings hash."""
+    ids = np.random.default_rng(0).integers(0, 103, 300).astype(np.int32)
+    np.save(tmp_path / "val.npy", ids)
+    out = tmp_path / "tokens.jsonl"
+    argv = ["sweep", str(runs / "llama2"), "--out", str(out), "--batches", "2", "--batch-size", "2", "--seq-len", "8",
+            "--steps", "-1", "--quiet", "--groups", "0"]
+    assert main(argv) == 0 and main([*argv, "--tokens", str(tmp_path / "val.npy")]) == 0
+    assert "2 measured" in capsys.readouterr().out.splitlines()[-1]
+    plain, tokens = read_records(out)[:2], read_records(out)[2:]
+    assert [r["provenance"]["tokens"]["source"] for r in plain + tokens] == ["char"] * 2 + ["tokens"] * 2
+    assert tokens[0]["provenance"]["tokens"]["n_tokens"] == 300
+    assert tokens[0]["provenance"]["settings_hash"] != plain[0]["provenance"]["settings_hash"]
+    assert tokens[0]["value"] != plain[0]["value"]
+    np.save(tmp_path / "big.npy", ids + 103)
+    assert main([*argv, "--tokens", str(tmp_path / "big.npy")]) == 2
+    assert f"token id {ids[0] + 103} at position 0 is outside the vocabulary" in capsys.readouterr().err

@@ -1,8 +1,12 @@
-"""Hutchinson and Hutch++ traces against dense traces, within their reported standard errors."""
+"""Hutchinson and Hutch++ traces against dense traces: within their reported standard errors, and those standard
+errors calibrated by their coverage of the known trace over many seeded trials."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from helpers import (SPECTRA, BatchHessianOperator, DenseOperator, dense_hessian, make_batches, make_mlp,
                      symmetric_with_spectrum)
 
@@ -21,7 +25,44 @@ def test_hutchinson_within_three_standard_errors(seed, distribution):
     assert est.hvp_count == op.hvp_count == 50 == est.payload["n_samples"]
     assert est.error_kind == "standard-error" and est.converged
     assert abs(est.value - TRUE) <= 3 * est.error
-    assert np.isclose(est.error, np.std(est.payload["samples"], ddof=1) / np.sqrt(50))
+
+
+COVERAGE_TRIALS = 300
+
+
+def coverage_range(n_samples: int, trials: int = COVERAGE_TRIALS) -> tuple[float, float]:
+    """The accepted share of trials whose +-1 SE interval covers the truth.
+
+    Nominal level p0 = P(|t_{n-1}| <= 1) (the mean of n Gaussian samples over its estimated standard error is
+    Student-t with n - 1 degrees of freedom; 0.674 at n = 30): the number of covering trials is
+    Binomial(trials, p0), and the range is p0 +- 3 binomial standard deviations (a calibrated estimator falls
+    outside it with probability ~0.3 %; a standard error off by 2x covers 38 % or 95 %, far outside).
+    """
+    p0 = 2 * stats.t.cdf(1.0, n_samples - 1) - 1
+    half = 3 * math.sqrt(p0 * (1 - p0) / trials)
+    return p0 - half, p0 + half
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_standard_error_covers_the_truth(distribution):
+    """Over 300 seeds, [value - SE, value + SE] holds tr(A) as often as a 1-SE interval should."""
+    low, high = coverage_range(30)
+    hits = [abs(est.value - TRUE) <= est.error for est in
+            (hutchinson_trace(DenseOperator(MATRIX), n_samples=30, seed=s, distribution=distribution)
+             for s in range(COVERAGE_TRIALS))]
+    assert low <= np.mean(hits) <= high, (np.mean(hits), low, high)
+
+
+def test_hutchpp_standard_error_covers_the_truth():
+    """Hutch++'s SE is that of its Hutchinson part alone. Given Q, tr(Q^T A Q) + tr((I-QQ^T) A (I-QQ^T)) = tr(A)
+    exactly and the residual probes are independent of Q, so the estimate is unbiased given Q with the
+    residual part's variance: the SE needs no term for the low-rank part, and its coverage is that of
+    20 Hutchinson samples (60 products = 3 x 20)."""
+    low, high = coverage_range(20)
+    results = [hutchpp_trace(DenseOperator(MATRIX), n_matvecs=60, seed=s) for s in range(COVERAGE_TRIALS)]
+    assert {e.payload["rank"] for e in results} == {20}
+    hits = [abs(e.value - TRUE) <= e.error for e in results]
+    assert low <= np.mean(hits) <= high, (np.mean(hits), low, high)
 
 
 def test_standard_error_shrinks_with_samples():

@@ -43,6 +43,13 @@ class SimpleNormLayer:
         return self.gamma * math.sqrt(self.d) * self.z / self.s
 
 
+def output_scale_under_weight_scale(layer: SimpleNormLayer, c: float) -> torch.Tensor:
+    """f_t = ||y_t(cW)|| / ||y_t(W)|| = s_t / sqrt(||W x_t||^2 + d eps / c^2) = (1 - t_t (1 - c^-2))^-1/2, (N,),
+    t_t = d eps / s_t^2: W -> cW with eps fixed is the layer with eps / c^2, which rescales each y_t by f_t."""
+    t = (layer.d * layer.eps / layer.s.pow(2)).squeeze(-1)
+    return (1 - t * (1 - c**-2)).rsqrt()
+
+
 def _project(z: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(I - z z^T / s^2) w per token."""
     return w - z * (z * w).sum(-1, keepdim=True) / s.pow(2)

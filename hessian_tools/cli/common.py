@@ -2,7 +2,8 @@
 
 Each model flag maps one to one onto a GPTConfig field (MODEL_FLAGS); all default to None here, so a command
 can tell which ones the user set (`overrides_from_args`). `--data` names the text file a checkpoint's
-measurement batches come from.
+measurement batches come from; `--tokens`, `--tokenizer` and `--job-config` (SOURCE_FLAGS) say which tokens
+measure a checkpoint and how a torchtitan run was configured (see models.checkpoint.open_model).
 """
 
 from models.config import ARCHS, NORM_BACKENDS
@@ -13,18 +14,34 @@ MODEL_FLAGS = {
     "dim": ("--dim", int, "model width"),
     "n_layers": ("--layers", int, "number of blocks"),
     "n_heads": ("--heads", int, "attention heads"),
+    "n_kv_heads": ("--kv-heads", int, "key/value heads of grouped-query attention (Llama family; default = heads)"),
     "seq_len": ("--seq-len", int, "context length (RoPE / position table size)"),
     "ffn_hidden": ("--ffn-hidden", int, "feed-forward width (0 = the family default)"),
+    "ffn_dim_multiplier": ("--ffn-multiplier", float, "Llama FFN width multiplier (torchtitan's ffn_dim_multiplier)"),
+    "multiple_of": ("--multiple-of", int, "Llama FFN width rounded up to a multiple of this (default 32)"),
     "rope_theta": ("--rope-theta", float, "RoPE base (Llama family)"),
     "norm_eps": ("--norm-eps", float, "epsilon of every norm"),
     "norm_backend": ("--norm-backend", str, f"norm implementation: {', '.join(NORM_BACKENDS)}"),
 }
 DATA_FLAG = "--data"
+# open_model option -> (flag, metavar, help)
+SOURCE_FLAGS = {
+    "tokens": ("--tokens", "FILE", "measure on these token ids: nanoGPT's uint16 .bin (e.g. val.bin, used whole) "
+                                   "or a 1-D .npy integer array"),
+    "tokenizer": ("--tokenizer", "FILE", "measure on --data TEXT (default: the embedded corpus) tokenized by this "
+                                         "Hugging Face tokenizer.json or SentencePiece .model"),
+    "job_config": ("--job-config", "FILE.toml", "the torchtitan job config of a reference run: [model] name, flavor "
+                                                "and norm_type give the model's shape"),
+}
 
 
 def flag_for(field: str) -> str:
-    """The command-line flag that sets a GPTConfig field (or `data`)."""
-    return DATA_FLAG if field == "data" else MODEL_FLAGS[field][0]
+    """The command-line flag that sets a GPTConfig field (or an open_model option such as `data`)."""
+    if field == "data":
+        return DATA_FLAG
+    if field in SOURCE_FLAGS:
+        return SOURCE_FLAGS[field][0]
+    return MODEL_FLAGS[field][0] if field in MODEL_FLAGS else f"{field}=VALUE (open_model)"
 
 
 def add_model_flags(parser, skip=()):
@@ -43,16 +60,33 @@ def add_model_flags(parser, skip=()):
                            help="UTF-8 text file (default: the embedded pydoc corpus)")
 
 
+def add_source_flags(parser, skip=()):
+    """Register --tokens, --tokenizer and --job-config (all default None)."""
+    group = parser.add_argument_group("measurement tokens and foreign runs")
+    for option, (flag, metavar, help_) in SOURCE_FLAGS.items():
+        if option not in skip:
+            group.add_argument(flag, dest=option, default=None, metavar=metavar, help=help_)
+
+
 def overrides_from_args(args) -> dict:
-    """{GPTConfig field or "data": value} for the model flags the user set."""
-    fields = [*MODEL_FLAGS, "data"]
+    """{GPTConfig field, or "data" / "tokens" / "tokenizer" / "job_config": value} for the flags the user set."""
+    fields = [*MODEL_FLAGS, "data", *SOURCE_FLAGS]
     return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
 
 
+def open_from_args(args):
+    """The checkpoint CKPT with the model and source flags the user set (models.checkpoint.open_model)."""
+    from models.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, overrides_from_args(args))
+
+
 def add_checkpoint_argument(parser):
-    """The positional CKPT: a toolkit checkpoint dir, a run dir (its latest checkpoint), a reference
-    state dict (.pt/.pth/.safetensors) or a nanoGPT ckpt.pt."""
+    """The positional CKPT (a toolkit checkpoint or run dir, a torchtitan DCP dir, a Hugging Face dir, a
+    reference state dict or a nanoGPT ckpt.pt) and the source flags."""
     parser.add_argument(
         "checkpoint", metavar="CKPT",
-        help="checkpoint dir, run dir (= its latest checkpoint), reference state dict or nanoGPT ckpt.pt",
+        help="checkpoint dir, run dir (= its latest checkpoint), torchtitan DCP dir (step-N/ or their folder), "
+             "Hugging Face model dir, reference state dict (.pt/.pth/.safetensors) or nanoGPT ckpt.pt",
     )
+    add_source_flags(parser)

@@ -1,8 +1,9 @@
 """What `spectrum`, `trace` and `density` share: flags, checkpoint and batches, the operator, the guard, output.
 
 Flow of every measuring command: load CKPT, draw `--batches` fixed held-out batches (`--seed` seeds them and
-the estimator), build the operator (parameter space, or activation space at `--site`), run the self-check
-guard (result on stderr), run the estimator with an HVP progress bar on stderr, then print one JSON object
+the estimator), build the operator (parameter space, or activation space at `--site` or `--role --layer`;
+rescaled as `--scaled` / `--scale-free` say, recorded as settings.operator.scaled), run the self-check guard on
+the unscaled operator (result on stderr), run the estimator with an HVP progress bar on stderr, then print one JSON object
 (`--json`: the record's to_dict() with provenance) or a short table. Under torchrun with `--distributed`
 each rank evaluates its share of the batches (parameter space only) and only rank 0 prints.
 Exit status: 0, 2 on bad input (one line on stderr), 3 when the estimator failed (its status on stderr).
@@ -15,9 +16,11 @@ import json
 import sys
 
 from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags
+from models.config import SITE_ROLES
 
 SPACES = ("params", "activation")
 MODES = ("auto", "rev-rev", "fwd-rev", "double-backward")  # hessian_tools.operators.MODES, without importing torch
+SCALED = ("none", "layer", "elementwise", "adam")  # --scaled: "none" or a key of hessian_tools.operators.SCALINGS
 EXIT_FAILED = 3
 
 
@@ -29,7 +32,16 @@ def add_measure_flags(p, data_spread: bool = True):
                    help="parameters or the activation at --site (default: activation if --site is given)")
     g.add_argument("--site", default=None, metavar="NAME", help="activation site, e.g. layers.0:out "
                    "(`hessian-tools inspect CKPT` lists them)")
+    g.add_argument("--role", choices=SITE_ROLES, default=None,
+                   help="activation site by role, the same in every architecture (with --layer): the residual "
+                   "stream entering / leaving the block, the attention or FFN branch's input after any pre-norm")
+    g.add_argument("--layer", type=int, default=None, metavar="I", help="block index (0-based) of --role")
     g.add_argument("--params", default=None, metavar="REGEX", help="only parameters whose name matches REGEX")
+    g.add_argument("--scaled", choices=SCALED, default="none",
+                   help="parameter coordinates: none (raw), layer (S H S, S = rms of each tensor), elementwise "
+                   "(diag|w| H diag|w|), adam (P^-1/2 H P^-1/2, P = Adam's denominator in the checkpoint)")
+    g.add_argument("--scale-free", action="store_true",
+                   help="activation Hessian times the site's mean squared activation (over the batches)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="evaluation dtype of the products (Krylov vectors are float64 always; default float32)")
     g.add_argument("--mode", choices=MODES, default="auto",
@@ -86,7 +98,7 @@ class Measurement:
         from hessian_tools.estimators import data_spread
         from hessian_tools.progress import ProgressOperator, hvp_bar
 
-        make_op = operator_factory(self.args, self.ckpt.model)
+        make_op = operator_factory(self.args, self.ckpt)
         with hvp_bar(f"{desc} (data spread, {groups} groups)", None, self.talk) as bar:
             return data_spread(lambda b: ProgressOperator(make_op(b), bar), self.batches, estimator, n_groups=groups,
                                seed=self.args.seed)
@@ -103,7 +115,8 @@ class Measurement:
             command=a.command, checkpoint=str(self.ckpt.path), arch=self.ckpt.config.arch, step=self.ckpt.step,
             version=__version__, n_batches=len(self.batches), batch_size=a.batch_size,
             seq_len=int(self.batches[0][0].shape[-1]), data_seed=a.seed,
-            world_size=getattr(self.op, "world_size", 1))
+            world_size=getattr(self.op, "world_size", 1), tokens=self.ckpt.token_provenance(),
+            settings_from=self.ckpt.settings_from)
         out = record.to_dict()
         if spread is not None:
             out["data_spread"] = spread.to_dict()
@@ -122,13 +135,26 @@ class Measurement:
         return 0
 
 
-def operator_factory(args, model):
-    """batches -> the operator the flags ask for (ParamHessian or ActivationHessian) on `model`."""
-    from hessian_tools.operators import ActivationHessian, ParamHessian
+def operator_factory(args, ckpt):
+    """batches -> the operator the flags ask for on the checkpoint's model: ParamHessian or ActivationHessian,
+    wrapped as --scaled or --scale-free say (hessian_tools.operators.SCALINGS)."""
+    from hessian_tools.errors import UserError
+    from hessian_tools.operators import SCALINGS, ActivationHessian, AdamPreconditioned, AdamState, ParamHessian
 
+    model = ckpt.model
     if args.space == "activation":
-        return lambda batches: ActivationHessian(model, batches, args.site, dtype=args.dtype, mode=args.mode)
-    return lambda batches: ParamHessian(model, batches, params=args.params, dtype=args.dtype, mode=args.mode)
+        build = lambda b: ActivationHessian(model, b, args.site, dtype=args.dtype, mode=args.mode)  # noqa: E731
+        wrap = SCALINGS["scale-free"] if args.scale_free else None
+    else:
+        build = lambda b: ParamHessian(model, b, params=args.params, dtype=args.dtype, mode=args.mode)  # noqa: E731
+        wrap = SCALINGS.get(args.scaled)
+        if args.scaled == "adam":
+            try:
+                state = AdamState.from_checkpoint(ckpt)
+            except UserError as exc:
+                raise UserError(f"--scaled adam needs the run's Adam state: {exc}") from None
+            wrap = lambda op: AdamPreconditioned(op, state)  # noqa: E731
+    return build if wrap is None else (lambda b: wrap(build(b)))
 
 
 def _check_flags(args):
@@ -138,9 +164,17 @@ def _check_flags(args):
                         ("--seq-len", args.measure_seq_len or 1)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
-    args.space = args.space or ("activation" if args.site else "params")
-    if args.space == "params" and args.site:
-        raise UserError("--site names an activation: drop --space params (or the --site)")
+    if (args.role is None) != (args.layer is None):
+        raise UserError("--role and --layer go together: --role ROLE --layer I names block I's site of that role")
+    if args.role and args.site:
+        raise UserError("--role --layer names a site: drop it or the --site")
+    args.space = args.space or ("activation" if args.site or args.role else "params")
+    if args.space == "params" and (args.site or args.role):
+        raise UserError(f"{'--site' if args.site else '--role'} names an activation: drop --space params (or it)")
+    if args.space == "activation" and args.scaled != "none":
+        raise UserError("--scaled rescales parameter coordinates; at an activation site use --scale-free")
+    if args.space == "params" and args.scale_free:
+        raise UserError("--scale-free rescales an activation Hessian; in parameter space use --scaled")
     if args.space == "activation" and args.params:
         raise UserError("--params selects parameters: use it with --space params, not with an activation --site")
     if args.distributed and args.space != "params":
@@ -151,11 +185,11 @@ def _check_flags(args):
 
 def prepare(args) -> Measurement:
     """Load, draw batches, build and guard the operator (one line on stderr per step that takes time)."""
-    from hessian_tools.cli.common import overrides_from_args
+    from hessian_tools.cli.common import open_from_args
     from hessian_tools.errors import UserError
-    from hessian_tools.operators import self_check
+    from hessian_tools.operators import ScaledOperator, self_check
     from hessian_tools.operators.sites import list_sites
-    from models.checkpoint import load_checkpoint
+    from models.sites import role_site
 
     _check_flags(args)
     rank = 0
@@ -163,11 +197,13 @@ def prepare(args) -> Measurement:
         from hessian_tools.distributed import init_distributed
 
         rank, _ = init_distributed()
-    ckpt = load_checkpoint(args.checkpoint, overrides_from_args(args))
+    ckpt = open_from_args(args)
+    if args.role:
+        args.site = role_site(ckpt.model, args.role, args.layer)
     if args.space == "activation" and not args.site:
         raise UserError(f"--space activation needs --site NAME; valid sites: {', '.join(list_sites(ckpt.model))}")
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
-    make_op = operator_factory(args, ckpt.model)
+    make_op = operator_factory(args, ckpt)
     if args.distributed:
         from hessian_tools.distributed import DistributedOperator
 
@@ -175,7 +211,7 @@ def prepare(args) -> Measurement:
         local = op.local
     else:
         op = local = make_op(batches)
-    guard = self_check(local, seed=args.seed)
+    guard = self_check(local.op if isinstance(local, ScaledOperator) else local, seed=args.seed)
     m = Measurement(args, ckpt, batches, op, local, rank, guard)
     m.say(f"self-check ({guard['dtype']}, mode {guard['mode']}): finite, asymmetry {guard['symmetry_rel']:.1e} "
           f"(tol {guard['tolerances']['symmetry']:.0e}), differences {guard['difference_rel']:.1e} "
@@ -207,6 +243,7 @@ def summary_lines(record) -> list[str]:
     """value +- error and what it promises, converged, HVPs, wall time, mode: the table every command starts with."""
     op = record.settings.get("operator", {})
     where = op.get("site") or (f"params {op['params']!r}" if op.get("params") else "all params")
+    scaled = "" if op.get("scaled", "none") == "none" else f", scaled {op['scaled']}"
     value = "failed" if record.value is None else f"{record.value:.8g}"
     error = "" if record.error is None else f" +- {record.error:.2g} ({error_meaning(record)})"
     interval = record.payload.get("interval")
@@ -217,7 +254,7 @@ def summary_lines(record) -> list[str]:
         f"{'converged':<14} {'yes' if record.converged else 'no'}   status {record.status}{floor}",
         f"{'cost':<14} {record.hvp_count} HVPs, {record.wall_time_s:.3g} s",
         f"{'operator':<14} {op.get('kind', '?')} ({where}), n = {op.get('n', '?')}, {op.get('dtype', '?')}, "
-        f"mode {op.get('mode', '?')}",
+        f"mode {op.get('mode', '?')}{scaled}",
     ]
 
 

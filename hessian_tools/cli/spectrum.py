@@ -1,10 +1,12 @@
 """`hessian-tools spectrum CKPT`: extreme Hessian eigenvalues (Lanczos or power iteration) with stated intervals.
 
-Parameter space (all parameters or `--params REGEX`) or activation space at `--site`; the Hessian of the mean
-next-token loss over the measurement batches. The interval's certified side comes from interlacing, the other
-holds except with probability --failure-probability over the random start (float32: it rests on the measured
-rounding); Lanczos stops when the interval is within tol * |theta| or at the rounding floor. Power iteration
-finds the largest-magnitude eigenvalues; its upper side tightens slowly.
+Parameter space (all parameters or `--params REGEX`) or activation space at `--site` (or `--role R --layer I`);
+the Hessian of the mean next-token loss over the measurement batches, in raw coordinates or, for comparisons
+between architectures, rescaled: `--scaled layer|elementwise|adam` (parameters), `--scale-free` (activations).
+The interval's certified side comes from interlacing, the other holds except with probability
+--failure-probability over the random start (float32: it rests on the measured rounding); Lanczos stops when the
+interval is within tol * |theta| or at the rounding floor. Power iteration finds the largest-magnitude
+eigenvalues; its upper side tightens slowly.
 """
 
 from hessian_tools.cli.measure_common import add_measure_flags

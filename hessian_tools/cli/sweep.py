@@ -6,6 +6,7 @@ fails is reported on stderr, recorded with status "error" and skipped; the exit 
 hessian_tools.sweep.
 """
 
+from hessian_tools.cli.common import DATA_FLAG, add_source_flags
 from hessian_tools.sweep import WHAT
 
 
@@ -35,6 +36,9 @@ def add_parser(subparsers, name):
                    help="fixed SLQ grid (default -50 450 1001)")
     p.add_argument("--density-width", type=float, default=2.5, help="SLQ Gaussian width (default 2.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(DATA_FLAG, dest="data", default=None, metavar="FILE",
+                   help="UTF-8 text of the measurement batches (default: each run's own)")
+    add_source_flags(p, skip=("job_config",))
     p.set_defaults(run=run)
 
 
@@ -45,7 +49,8 @@ def settings_from_args(args):
                          steps=args.steps, n_batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
                          seed=args.seed, tol=args.tol, max_iter=args.max_iter, dtype=args.dtype,
                          n_groups=args.groups, density_grid=tuple(args.density_grid),
-                         density_width=args.density_width)
+                         density_width=args.density_width, tokens=args.tokens, tokenizer=args.tokenizer,
+                         data=args.data)
 
 
 def run(args) -> int:

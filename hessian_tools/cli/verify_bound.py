@@ -30,7 +30,7 @@ def _table(rows) -> str:
     lines = [head]
     for r in rows:
         s = r["scale_invariance"]
-        verdict = "invariant" if s["invariant"] else "changes"
+        verdict = {"eps": f"changes by eps alone (y moves {s.get('eps_output_change', 0):.1e})"}.get(s["verdict"], s["verdict"])
         lines.append(f"{r['layer']:<32} {r['measured']:>11.4e} {r['measured_error']:>9.1e} {r['bound']:>11.4e} "
                      f"{r['ratio'] or float('nan'):>8.3g} {r['c_over_gn']:>8.3g}  {s['c']:g}: {s['ratio']:.6f} {verdict}"
                      + ("  VIOLATED" if r["violated"] else ""))
@@ -41,17 +41,16 @@ def run(args) -> int:
     import json
     import sys
 
-    from hessian_tools.cli.common import overrides_from_args
     import torch
 
+    from hessian_tools.cli.common import open_from_args
     from hessian_tools.errors import UserError
     from hessian_tools.operators import ParamHessian, self_check
-    from models.checkpoint import load_checkpoint
     from theory.verify import Settings, verify_bound
 
     if args.tol <= 0 or args.scale <= 0 or args.scale == 1:
         raise UserError("--tol must be positive and --scale positive and not 1")
-    ckpt = load_checkpoint(args.checkpoint, overrides_from_args(args))
+    ckpt = open_from_args(args)
     batches = ckpt.measurement_batches(args.batches, args.batch_size, seed=args.seed)
     guard = self_check(ParamHessian(ckpt.model, batches[:1], dtype=torch.float64), seed=args.seed)
     print(f"self-check passed: asymmetry {guard['symmetry_rel']:.1e}, differences {guard['difference_rel']:.1e}",
@@ -61,6 +60,7 @@ def run(args) -> int:
     rows = verify_bound(ckpt.model, batches, args.layers, settings, progress)
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt.path), "arch": ckpt.config.arch, "step": ckpt.step,
+                          "tokens": ckpt.token_provenance(), "settings_from": ckpt.settings_from,
                           "self_check": guard, "layers": rows}, indent=1))
     else:
         print(_table(rows))

@@ -18,6 +18,7 @@ class CurvatureOperator:
     """
 
     kind = ""
+    input_dtype = None  # the dtype `_matvec` / `_matmat` receive vectors in (None: `dtype`)
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device):
         self.shape = (n, n)
@@ -44,7 +45,7 @@ class CurvatureOperator:
         if x.ndim != ndim or x.shape[0] != n or not x.is_floating_point():
             want = f"({n},)" if ndim == 1 else f"({n}, k)"
             raise UserError(f"expected a float tensor of shape {want}, got {x.dtype} {tuple(x.shape)}")
-        return x.to(device=self.device, dtype=self.dtype)
+        return x.to(device=self.device, dtype=self.input_dtype or self.dtype)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector v of length n (any float dtype/device); float64 result on `device`."""

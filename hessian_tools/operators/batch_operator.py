@@ -152,5 +152,6 @@ class BatchOperator(CurvatureOperator):
             "loss_terms_per_batch": self.loss_terms,
             "batch_weights": self.weights,
             "batch_losses": self.losses,
+            "scaled": "none",
             **self.space.describe(),
         }

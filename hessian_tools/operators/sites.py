@@ -28,12 +28,13 @@ def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, str]:
 
 
 class SiteProbe:
-    """Adds `delta` to the activation at `site` during `run`; records the activation's shape and max |entry|."""
+    """Adds `delta` to the activation at `site` during `run`; on plain passes (no delta) records the activation's
+    shape and accumulates its max |entry| (`scale`) and its sum of squares (`sum_squares`, in float64)."""
 
     def __init__(self, model: nn.Module, site: str):
         self.site = site
         self.module, self.end = resolve_site(model, site)
-        self.delta, self.calls, self.shape, self.scale = None, 0, None, 0.0
+        self.delta, self.calls, self.shape, self.scale, self.sum_squares = None, 0, None, 0.0, 0.0
 
     def _perturb(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -45,6 +46,7 @@ class SiteProbe:
             return x + self.delta
         self.shape = tuple(x.shape)  # recorded on plain forward passes only (not under a transform)
         self.scale = max(self.scale, float(x.detach().abs().max())) if x.numel() else self.scale
+        self.sum_squares += float(x.detach().to(torch.float64).pow(2).sum())
         return x
 
     def _out(self, module, args, output):

@@ -123,10 +123,11 @@ class ActivationSpace:
     def __init__(self, model: nn.Module, n_batches: int, site: str):
         self.model, self.site = model, site
         self.probe = SiteProbe(model, site)
-        self.shapes, self.blocks, self.n, self.scale = [], [], 0, 0.0
+        self.shapes, self.blocks, self.n, self.scale, self.mean_square = [], [], 0, 0.0, 0.0
 
     def check(self, fn, batches) -> list[float]:
-        """Loss of every batch; records each batch's activation shape and the block offsets."""
+        """Loss of every batch; records each batch's activation shape, the block offsets and `mean_square`, the
+        mean of a^2 over every entry of the site's activation in all batches."""
         losses = []
         with torch.no_grad(), math_path():
             for b, batch in enumerate(batches):
@@ -135,6 +136,7 @@ class ActivationSpace:
         sizes = [int(torch.Size(s).numel()) for s in self.shapes]
         offsets = [sum(sizes[:b]) for b in range(len(sizes))]
         self.blocks, self.n, self.scale = list(zip(offsets, sizes)), sum(sizes), self.probe.scale
+        self.mean_square = self.probe.sum_squares / max(self.n, 1)
         return losses
 
     def point(self, b: int) -> tuple:
@@ -161,7 +163,8 @@ class ActivationSpace:
         return f
 
     def describe(self) -> dict:
-        return {"site": self.site, "activation_shapes": [list(s) for s in self.shapes], "convention":
+        return {"site": self.site, "activation_shapes": [list(s) for s in self.shapes],
+                "activation_mean_square": self.mean_square, "convention":
                 "flat vector = the full activation tensor of each batch at the site (e.g. B x T x d), batches "
                 "concatenated; operator = Hessian of the weighted mean loss w.r.t. those activations, block "
                 "diagonal over batches, batch b's block scaled by its weight w_b"}
