@@ -35,6 +35,7 @@ import torch
 
 from hessian_tools.estimators import _common as c
 
+LOG_LIMIT = 700.0  # |log(x* - theta_1)| searched up to this (exp stays finite)
 ROUNDING_PROBES = 2  # random unit vectors on which a float32 operator's rounding is measured
 ROUNDING_SAFETY = 2.0  # measured relative rounding x this; the largest ratio seen between the rounding at
 # Lanczos vectors and at random probes was 1.8 on the tests' models
@@ -55,14 +56,16 @@ def polynomial_bound(theta: np.ndarray, log_beta_product: float, floor: float) -
     def excess(y):  # increasing in y = log(x* - theta_1)
         return y + float(np.sum(np.log(gaps + math.exp(y)))) - target
 
-    hi = max(target, 0.0) + 1.0
+    hi = 0.0
     while excess(hi) < 0:
-        hi += 2 * abs(hi) + 1
+        if hi >= LOG_LIMIT:  # x* - theta_1 > e^700: no bound worth the name
+            return math.inf
+        hi = min(2 * hi + 1, LOG_LIMIT)
     lo = hi - 1.0
     while excess(lo) > 0:
-        lo -= 2 * abs(lo) + 1
-        if lo < -745:  # exp(lo) == 0: below anything float64 resolves next to theta_1
+        if lo <= -LOG_LIMIT:  # x* - theta_1 < e^-700: below anything float64 resolves next to theta_1
             return 0.0
+        lo = max(lo - 2 * abs(lo) - 1, -LOG_LIMIT)
     return math.exp(scipy.optimize.brentq(excess, lo, hi, xtol=1e-10))
 
 
