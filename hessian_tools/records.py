@@ -17,7 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ERROR_KINDS = ("residual-bound", "kato-temple", "standard-error", "group-std", "bootstrap", "none")
+ERROR_KINDS = ("certified", "probabilistic", "measured", "residual-bound", "estimate", "standard-error", "group-std",
+               "bootstrap", "none")
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -53,9 +54,17 @@ def _clean(obj: Any) -> tuple[Any, bool]:
 class Estimate:
     """One estimate of one quantity; see the module docstring for the fields' meaning.
 
-    `error_kind` says what `error` is: "residual-bound" (certified: an eigenvalue lies within it),
-    "kato-temple" (r^2 / gap with an estimated gap), "standard-error" (Monte-Carlo, one sigma),
-    "group-std" (std over disjoint data groups), "bootstrap" (std over resamples), "none".
+    `error_kind` says what `error` is. value +- error (|value| +- error for a magnitude such as lambda_absmax)
+    always contains payload["interval"] where one is given:
+    "certified"       the quantity lies within it, certain given the arithmetic (rounding floor included);
+    "probabilistic"   one side certified (payload["certified_side"]), the other fails with probability at most
+                      payload["failure_probability"] over the estimator's random start;
+    "measured"        as either of those, but resting on a measured bound of the operator's own rounding
+                      (payload["rounding"], e.g. float32 products): not certified;
+    "residual-bound"  some eigenvalue (not necessarily the named one) lies within it: certified;
+    "estimate"        no guarantee (e.g. Kato-Temple with an estimated gap, unmeasured float32 rounding);
+    "standard-error"  Monte-Carlo, one sigma; "group-std": std over disjoint data groups; "bootstrap": std over
+                      resamples; "none": no error (failed records).
     """
 
     quantity: str

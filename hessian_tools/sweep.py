@@ -12,8 +12,8 @@ A unit of work is (run, checkpoint step, measure, site). Measures (grouped by `w
   trace       params.trace: Hutch++ trace with its standard error.
 Every checkpoint of a run is measured on the same batches (Checkpoint.measurement_batches with the settings'
 n_batches, batch_size, seq_len and seed) and the same seeded probes. Lanczos is warm-started from the previous
-checkpoint's top Ritz vector of the same run and measure, mixed with 10 % of the seeded random start so that
-no direction is missing from the start vector; warm starts live in memory, so a restarted sweep starts cold.
+checkpoint's top Ritz vector of the same run and measure (lanczos mixes in its own seeded noise, on which its
+upper bound rests); warm starts live in memory, so a restarted sweep starts cold.
 
 A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, tokens, dtype,
 measure, site, settings hash). Restart: units whose key (run, step, measure, site, settings hash) already has
@@ -64,7 +64,6 @@ MEASURE_FIELDS = {
     "checkpoint.load": [],  # the error record of a checkpoint that cannot be loaded
 }
 ATTENTION_NAMES, FFN_NAMES = ("attention", "attn"), ("feed_forward", "mlp")
-WARM_START_NOISE = 0.1  # relative weight of the seeded random vector mixed into a warm start
 
 
 @dataclass(frozen=True)
@@ -279,14 +278,6 @@ def _dtype(settings: SweepSettings) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
 
 
-def _warm(v0: torch.Tensor | None, seed: int) -> torch.Tensor | None:
-    if v0 is None:
-        return None
-    noise = torch.randn(v0.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    v0 = v0.detach().to("cpu", torch.float64)
-    return v0 / v0.norm() + WARM_START_NOISE * noise / noise.norm()
-
-
 def _as_spectral_norm(est: Estimate) -> Estimate:
     """A which="magnitude" Lanczos estimate as ||H||_2 (value |theta|, the signed eigenvalue in the payload)."""
     if est.value is None:
@@ -309,14 +300,14 @@ class Measurer:
 
         s = self.s
         solve = functools.partial(lanczos, k=1, which=which, tol=s.tol, max_iter=s.max_iter, seed=s.seed)
-        est = solve(make_op(batches), v0=_warm(self.warm.get(warm_key), s.seed), return_vectors=True)
+        est = solve(make_op(batches), v0=self.warm.get(warm_key), return_vectors=True)
         if est.vectors is None:
             return _as_spectral_norm(est) if which == "magnitude" else est
         top = est.vectors[:, 0]
         self.warm[warm_key] = top
         est = _as_spectral_norm(est) if which == "magnitude" else est
         if groups and s.n_groups >= 2 and est.status == "ok":
-            spread = data_spread(make_op, batches, functools.partial(solve, v0=_warm(top, s.seed)), s.n_groups)
+            spread = data_spread(make_op, batches, functools.partial(solve, v0=top), s.n_groups)
             data = {"n_groups": s.n_groups, "status": spread.status, "group_values": None, "std": None,
                     "std_error": None}
             if spread.status == "ok":

@@ -26,7 +26,7 @@ def test_group_values_mean_and_spread():
     assert est.value == pytest.approx(np.mean(groups), rel=1e-9)
     assert est.error == pytest.approx(np.std(groups, ddof=1), rel=1e-6)
     assert est.error_kind == "group-std" and est.quantity == "lambda_max" and est.converged
-    assert est.payload["solver_error_kind"] == "residual-bound"
+    assert est.payload["solver_error_kind"] == "probabilistic"
     assert est.payload["mean_solver_error"] < 1e-3 * est.error  # here the data dominate, and it shows
     assert est.payload["std_error_of_mean"] == pytest.approx(est.error / 2)
     assert est.settings["group_size"] == 2 and est.hvp_count > 0

@@ -37,3 +37,12 @@ def test_unknown_error_kind_and_fields_are_rejected():
         make(error_kind="guess")
     with pytest.raises(ValueError, match="unknown record fields"):
         Estimate.from_dict({**make().to_dict(), "extra": 1})
+
+
+def test_error_kinds_say_what_they_are():
+    """The kinds the estimators emit are accepted; the old unflagged "kato-temple" kind is gone (it is an estimate)."""
+    for kind in ("certified", "probabilistic", "measured", "residual-bound", "estimate"):
+        est = make(error_kind=kind, payload={"interval": [1.4, 1.6], "failure_probability": 1e-3})
+        assert Estimate.from_json(est.to_json()) == est
+    with pytest.raises(ValueError, match="error_kind"):
+        make(error_kind="kato-temple")

@@ -24,6 +24,10 @@ def test_self_check_passes_on_correct_operators(dtype):
         tight = dtype == torch.float64
         assert report["symmetry_rel"] < (1e-12 if tight else 1e-5)
         assert report["difference_rel"] < (1e-7 if tight else 1e-3)  # eps^(2/3) steps; float32 rounding
+        if tight:
+            assert report["rounding_rel"] == 0.0
+        else:  # float32 products against the float64 twin: rounding of order 1e-7, not zero, not 1e-3
+            assert 1e-9 < report["rounding_rel"] < 1e-5
 
 
 class Scaled(ParamHessian):

@@ -1,7 +1,7 @@
 """verify-bound: the SimpleNorm Hessian bound checked layer by layer on a model and its batches.
 
 For every SimpleNorm layer (models.norms.SimpleNorm) the row holds the measured ||H_xx|| at `NAME:in` with
-its Lanczos residual bound, the bound of theory/simplenorm.md section 5 from the layer's tensors and the
+its Lanczos error (an interval, certified below), the bound of theory/simplenorm.md section 5 from the layer's tensors and the
 measured ||H_yy|| at `NAME:out`, the tightness ratio bound / measured, ||C|| / ||GN|| from the closed forms
 and a weight-scale check (W -> c W). A baseline's block linear maps get the plain bound ||W||^2 ||H_yy||
 and, when a norm feeds them, the pre-norm bound through that norm beside the measured Hessian it bounds (at
@@ -203,7 +203,7 @@ def eps_size(layer: cf.SimpleNormLayer) -> float:
 
 
 def hxx_norm(model: nn.Module, batches, name: str, s: Settings):
-    """The measured ||H_xx|| at `name:in` (an Estimate: value, residual-bound error, hvp_count)."""
+    """The measured ||H_xx|| at `name:in` (an Estimate: value, error with its interval, hvp_count)."""
     return _norm(site_hessian(model, batches, f"{name}:in"), s)
 
 
@@ -301,7 +301,14 @@ def check_linear(model, batches, name: str, s: Settings, norm: str | None = None
 
 
 def is_violated(measured: float, error: float, bound: float) -> bool:
-    """A bound is violated when the measurement exceeds it by more than its error bar."""
+    """A bound is violated when the measurement exceeds it by more than its error bar.
+
+    measured, error: a Lanczos spectral norm and its error, the half-width around it that contains the record's
+    interval (error_kind "probabilistic"). measured - error is at most that interval's lower end, which is
+    certified (interlacing: ||H_xx|| >= |theta|, to the rounding floor), so a violation is never claimed on the
+    probabilistic side of the measurement. The bound itself uses ||H_yy|| <= value + error, the upper side of
+    its own interval, which fails with probability at most failure_probability (1e-3 by default): a reported
+    violation is therefore wrong with at most that probability."""
     return measured - error > bound
 
 

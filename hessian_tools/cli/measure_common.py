@@ -219,16 +219,39 @@ def prepare(args) -> Measurement:
     return m
 
 
+def error_meaning(record) -> str:
+    """What the error bar promises, in words: certified, probabilistic with what failure probability, measured,
+    or an estimate (records.Estimate's error kinds)."""
+    p = record.payload
+    kind, chance = record.error_kind, p.get("failure_probability")
+    side = f"{p['certified_side']} side certified" if p.get("certified_side") not in (None, "both") else ""
+    if kind == "probabilistic":
+        return f"probabilistic: {side}, the other fails with probability <= {chance:.0e}"
+    if kind == "measured":
+        odds = f", fails with probability <= {chance:.0e}" if chance else ""
+        return f"measured: rests on the operator's measured rounding {p.get('rounding', float('nan')):.1e}{odds}"
+    if kind == "certified":
+        return "certified"
+    if kind == "residual-bound":
+        return "certified for some eigenvalue, not necessarily this one"
+    if kind == "estimate":
+        return "estimate, no guarantee"
+    return kind
+
+
 def summary_lines(record) -> list[str]:
-    """value +- error, error kind, converged, HVPs, wall time, mode: the table every command starts with."""
+    """value +- error and what it promises, converged, HVPs, wall time, mode: the table every command starts with."""
     op = record.settings.get("operator", {})
     where = op.get("site") or (f"params {op['params']!r}" if op.get("params") else "all params")
     scaled = "" if op.get("scaled", "none") == "none" else f", scaled {op['scaled']}"
     value = "failed" if record.value is None else f"{record.value:.8g}"
-    error = "" if record.error is None else f" +- {record.error:.2g} ({record.error_kind})"
+    error = "" if record.error is None else f" +- {record.error:.2g} ({error_meaning(record)})"
+    interval = record.payload.get("interval")
+    floor = "   limited by the operator's rounding" if record.payload.get("limited_by_rounding") else ""
     return [
         f"{record.quantity:<14} {value}{error}",
-        f"{'converged':<14} {'yes' if record.converged else 'no'}   status {record.status}",
+        *([f"{'interval':<14} [{interval[0]:.10g}, {interval[1]:.10g}]"] if interval else []),
+        f"{'converged':<14} {'yes' if record.converged else 'no'}   status {record.status}{floor}",
         f"{'cost':<14} {record.hvp_count} HVPs, {record.wall_time_s:.3g} s",
         f"{'operator':<14} {op.get('kind', '?')} ({where}), n = {op.get('n', '?')}, {op.get('dtype', '?')}, "
         f"mode {op.get('mode', '?')}{scaled}",

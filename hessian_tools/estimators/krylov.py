@@ -1,16 +1,25 @@
 """The Lanczos recurrence with full reorthogonalisation, shared by `lanczos` and `slq_density`.
 
-Convention: after m steps, H Q_m = Q_m T_m + beta_m q_{m+1} e_m^T (+ E), with Q_m (n x m, float64, on
-the start vector's device) orthonormal to rounding and T_m tridiagonal. Every new vector is orthogonalised against the whole
-basis twice with classical Gram-Schmidt ("twice is enough"). Cost: one HVP per step; memory 8 n (m + 1) bytes.
+Convention: after m steps, H Q_m = Q_m T_m + beta_m q_{m+1} e_m^T + E, with Q_m (n x m, float64, on the start
+vector's device) orthonormal to rounding, T_m tridiagonal and E the defect of the computed relation. Every new
+vector is orthogonalised against the whole basis twice with classical Gram-Schmidt ("twice is enough"). Cost:
+one HVP per step; memory 8 n (m + 1) bytes.
 
-An invariant subspace (beta ~ 0) ends the recurrence, or, with `restart=True`, continues from a fresh random
-vector orthogonal to the basis (T_m becomes block-diagonal). A beta dropped this way is recorded in
-`dropped` and added to every residual bound, so bounds stay certified; so is a rounding floor of
-10 m eps ||T||, below which a computed residual |beta_m s_mi| cannot be trusted.
+E is bounded column by column, ||E e_j|| <= column_errors[j] = ||h_j - T e_j|| + rounding ||H q_j|| (+ a dropped
+beta): h_j are the Gram-Schmidt coefficients actually removed from the product (T keeps only alpha_j, beta_{j-1};
+the rest is the product's rounding seen in the basis) and `rounding` a bound on the products' relative rounding
+(0 for float64 products, measured for float32 ones). So a Ritz pair (theta, y = Q s) has
+||H y - theta y|| <= |beta_m s_m| + sum_j |s_j| column_errors[j] + 10 m eps ||T||: the last term is the floor below
+which computed Ritz values and residuals cannot be trusted.
+
+An invariant subspace (beta ~ 0) ends the recurrence, or, given a generator, continues from a fresh Gaussian
+vector projected off the basis (T_m becomes block-diagonal; `block_starts` and `start_norms` record where each
+block starts and the norm of its projected Gaussian). The beta dropped there joins that column's error.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import scipy.linalg
@@ -29,12 +38,15 @@ class KrylovBasis:
     grows with the steps taken (8 n BLOCK bytes at a time) and is never copied.
     """
 
-    def __init__(self, op, v0: torch.Tensor, max_steps: int, gen: torch.Generator | None = None):
-        self.op, self.n, self.max_steps, self.gen = op, v0.numel(), max_steps, gen
+    def __init__(self, op, v0: torch.Tensor, max_steps: int, gen: torch.Generator | None = None,
+                 rounding: float = 0.0):
+        self.op, self.n, self.max_steps, self.gen, self.rounding = op, v0.numel(), max_steps, gen, rounding
         self.blocks: list[torch.Tensor] = []
         self.alpha: list[float] = []
         self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}; 0 at a restart
-        self.dropped = 0.0
+        self.column_errors: list[float] = []  # bounds on ||E e_j|| (module docstring)
+        self.block_starts = [0]
+        self.start_norms = [float(torch.linalg.vector_norm(v0))]  # ||v0||, then each restart's ||P g||
         self.breakdowns = 0
         self.exhausted = False
         v = v0.to(FLOAT)
@@ -59,58 +71,86 @@ class KrylovBasis:
         """Blocks of q_0 .. q_{m-1}, each (rows, n)."""
         return [blk[: min(BLOCK, self.m - b * BLOCK)] for b, blk in enumerate(self.blocks) if b * BLOCK < self.m]
 
-    def _orthogonalise(self, w: torch.Tensor) -> torch.Tensor:
-        """Classical Gram-Schmidt against q_0 .. q_{m-1}, twice: all coefficients from the same w."""
+    def _orthogonalise(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classical Gram-Schmidt against q_0 .. q_{m-1}, twice: (w projected off the basis, the coefficients
+        removed, summed over both passes; length m)."""
         basis = self._basis()
+        removed = torch.zeros(self.m, dtype=FLOAT, device=w.device)
         for _ in range(2):
             coefficients = [blk @ w for blk in basis]
-            for blk, h in zip(basis, coefficients):
+            for b, (blk, h) in enumerate(zip(basis, coefficients)):
                 w = w - blk.T @ h
-        return w
+                removed[b * BLOCK: b * BLOCK + h.numel()] += h
+        return w, removed
 
     def step(self):
-        """One Lanczos step: one HVP, alpha_j, beta_j and the next basis vector."""
+        """One Lanczos step: one HVP, alpha_j, beta_j, the column error of step j and the next basis vector."""
         j = self.m
         q = self._vector(j)
         w = matvec(self.op, q)
         self.alpha.append(float(q @ w))
-        w = self._orthogonalise(w)
+        product_norm = float(torch.linalg.vector_norm(w))
+        w, removed = self._orthogonalise(w)
+        removed[j] -= self.alpha[j]
+        if j > self.block_starts[-1]:
+            removed[j - 1] -= self.beta[j - 1]
+        self.column_errors.append(float(torch.linalg.vector_norm(removed)) + self.rounding * product_norm)
         beta = float(torch.linalg.vector_norm(w))
         scale = max(max(abs(a) for a in self.alpha), max(self.beta, default=0.0))
-        if self.m >= self.n:  # the basis spans the whole space: T_n is exact
-            self.dropped = max(self.dropped, beta)
-            self.beta.append(0.0)
-            self.exhausted = True
-        elif beta > BREAKDOWN_RTOL * scale:
+        if beta > BREAKDOWN_RTOL * scale and self.m < self.n:
             self.beta.append(beta)
             self._store(j + 1, w / beta)
-        else:
-            self.dropped = max(self.dropped, beta)
-            self.beta.append(0.0)
-            self.breakdowns += 1
-            if self.gen is None:
-                self.exhausted = True
-            else:
-                fresh = torch.randn(self.n, generator=self.gen, dtype=FLOAT).to(q.device)
-                fresh = self._orthogonalise(fresh)
-                self._store(j + 1, fresh / torch.linalg.vector_norm(fresh))
+            return
+        self.column_errors[j] += beta  # dropped: H q_j - Q T e_j keeps it
+        self.beta.append(0.0)
+        if self.m >= self.n or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
+            self.exhausted = True
+            return
+        self.breakdowns += 1
+        fresh, _ = self._orthogonalise(torch.randn(self.n, generator=self.gen, dtype=FLOAT).to(q.device))
+        self.block_starts.append(j + 1)
+        self.start_norms.append(float(torch.linalg.vector_norm(fresh)))
+        self._store(j + 1, fresh / self.start_norms[-1])
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), eigenvectors S of T_m (m x m), residual bounds (see the module docstring)."""
-        d = np.asarray(self.alpha)
-        e = np.asarray(self.beta[: self.m - 1])
-        if self.m == 1:
-            theta, S = d.copy(), np.ones((1, 1))
-        else:
-            theta, S = scipy.linalg.eigh_tridiagonal(d, e)
-        residuals = np.abs(self.beta[-1] * S[-1, :]) + self.dropped + self.rounding(theta)
+        theta, S = _eigh_tridiagonal(np.asarray(self.alpha), np.asarray(self.beta[: self.m - 1]))
+        residuals = np.abs(self.beta[-1] * S[-1, :]) + self.propagated_error(S) + self.floor(theta)
         return theta, S, residuals
 
-    def rounding(self, theta: np.ndarray) -> float:
+    def propagated_error(self, S: np.ndarray) -> np.ndarray:
+        """sum_j |S_ji| column_errors[j] >= ||E s_i||, per column i of S."""
+        return np.abs(S).T @ np.asarray(self.column_errors)
+
+    def floor(self, theta: np.ndarray) -> float:
         """10 m eps ||T||: the accuracy floor of computed Ritz values and residuals."""
         return 10 * self.m * np.finfo(np.float64).eps * float(np.max(np.abs(theta)))
+
+    def last_block(self) -> tuple[int, np.ndarray, float, float]:
+        """(index b, Ritz values of T over block b, sum of log beta over its steps (-inf if it ended in a breakdown),
+        the norm of the vector it started from) for the last block with at least one step."""
+        b = len(self.block_starts) - 1 if self.block_starts[-1] < self.m else len(self.block_starts) - 2
+        start, stop = self.block_starts[b], self.block_starts[b + 1] if b + 1 < len(self.block_starts) else self.m
+        theta, _ = _eigh_tridiagonal(np.asarray(self.alpha[start:stop]), np.asarray(self.beta[start: stop - 1]))
+        betas = np.asarray(self.beta[start:stop])
+        log_product = float(np.sum(np.log(betas))) if np.all(betas > 0) else -math.inf
+        return b, theta, log_product, self.start_norms[b]
+
+    def blocks_before(self, b: int) -> tuple[float, float] | None:
+        """(min, max) Ritz value over the blocks before block b (invariant subspaces); None for b = 0."""
+        if b == 0:
+            return None
+        stop = self.block_starts[b]
+        theta, _ = _eigh_tridiagonal(np.asarray(self.alpha[:stop]), np.asarray(self.beta[: stop - 1]))
+        return float(theta[0]), float(theta[-1])
 
     def ritz_vectors(self, S_cols: np.ndarray) -> torch.Tensor:
         """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors."""
         S_t = torch.as_tensor(S_cols, dtype=FLOAT, device=self.blocks[0].device)
         return sum(blk.T @ S_t[b * BLOCK: b * BLOCK + blk.shape[0]] for b, blk in enumerate(self._basis()))
+
+
+def _eigh_tridiagonal(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(d) == 1:
+        return d.copy(), np.ones((1, 1))
+    return scipy.linalg.eigh_tridiagonal(d, e)

@@ -5,7 +5,9 @@
 3. equal to central differences of the gradient in float64, (g(x0 + h v) - g(x0 - h v)) / 2h for a unit v,
    h = eps^(1/3) * max(1, max|x0|) (eps = float64 machine epsilon, x0 the point, or the activation's scale),
    relative 2-norm error below DIFFERENCE_TOL[dtype] (float32 products carry float32 rounding).
-Costs 2 counted products of `op` and 2 float64 gradients.
+For a float32 operator it also reports that rounding, `rounding_rel` = ||H32 v - H64 v|| / ||H64 v|| with H64 the
+float64 twin at the same point (the estimators measure their own bound the same way; 0 for float64).
+Costs 2 counted products of `op` and 2 float64 gradients (+ 1 float64 product for a float32 operator).
 """
 
 import math
@@ -38,11 +40,16 @@ def self_check(op, seed: int = 0) -> dict:
     fd = ((twin.gradient(step * v) - twin.gradient(-step * v)) / (2 * step)).cpu()
     denom = max(float(fd.norm()), float(Hv.norm()), torch.finfo(torch.float64).tiny)
     difference = float((Hv - fd).norm()) / denom
+    rounding = 0.0
+    if twin is not op:
+        exact = twin.matvec(v).cpu()
+        rounding = float((Hv - exact).norm()) / max(float(exact.norm()), torch.finfo(torch.float64).tiny)
     report = {
         "finite": True,
         "symmetry_rel": symmetry,
         "difference_rel": difference,
         "difference_step": step,
+        "rounding_rel": rounding,
         "dtype": DTYPES[op.dtype],
         "mode": op.mode,
         "tolerances": {"symmetry": SYMMETRY_TOL[op.dtype], "difference": DIFFERENCE_TOL[op.dtype]},
