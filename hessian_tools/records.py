@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ERROR_KINDS = ("residual-bound", "kato-temple", "standard-error", "group-std", "bootstrap", "none")
+ERROR_KINDS = ("residual-bound", "kato-temple", "standard-error", "group-std", "bootstrap", "jackknife", "none")
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -55,7 +55,9 @@ class Estimate:
 
     `error_kind` says what `error` is: "residual-bound" (certified: an eigenvalue lies within it),
     "kato-temple" (r^2 / gap with an estimated gap), "standard-error" (Monte-Carlo, one sigma),
-    "group-std" (std over disjoint data groups), "bootstrap" (std over resamples), "none".
+    "group-std" (std over disjoint data groups), "bootstrap" (std over resamples), "jackknife" (delete-one-group
+    jackknife standard error of a bias-corrected estimate; payload interval and level, see
+    estimators/data_error.py), "none".
     """
 
     quantity: str
