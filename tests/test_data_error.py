@@ -15,6 +15,7 @@ import torch
 from helpers import BatchHessianOperator, DenseOperator, make_batches, make_mlp
 from operator_refs import tiny_gpt, token_batches
 from scipy import stats
+from scipy.linalg import block_diag
 
 from hessian_tools.errors import UserError
 from hessian_tools.estimators.batch_groups import BatchGroups, split_groups
@@ -213,9 +214,9 @@ def test_reweighted_groups_equal_rebuilt_operators_with_unequal_batch_sizes():
 def test_gpt_operators_reweighted_as_sum_or_blocks(space, how):
     model, batches = tiny_gpt("simplegpt"), token_batches(sizes=(1, 2) * 4)
     if space == "params":
-        make_op = lambda b: ParamHessian(model, b, params=r"layers\.0\.attention\.snq\.", mode="double-backward")  # noqa
+        make_op = functools.partial(ParamHessian, model, params=r"layers\.0\.attention\.snq\.", mode="double-backward")
     else:
-        make_op = lambda b: ActivationHessian(model, b, "layers.0.feed_forward:in", mode="double-backward")  # noqa
+        make_op = functools.partial(ActivationHessian, model, site="layers.0.feed_forward:in", mode="double-backward")
     assert_unions_match_rebuilt(make_op, batches, how)
 
 
@@ -234,6 +235,22 @@ def test_jackknife_reweighted_equals_rebuilt():
     np.testing.assert_allclose(auto.payload["leave_one_out_values"], rebuilt.payload["leave_one_out_values"],
                                rtol=1e-9)
     assert auto.value == pytest.approx(rebuilt.value, rel=1e-9)
+
+
+def block_operator(batches):
+    """One block per batch, weighted 1/N: the structure of an activation-space Hessian of the mean loss."""
+    return DenseOperator(block_diag(*[m / len(batches) for m in batches]))
+
+
+def test_extreme_eigenvalue_of_a_per_batch_space_is_flagged_but_its_trace_is_not():
+    batches = Population(n=10, seed=2).batches(np.random.default_rng(16), 8)
+    top = jackknife(block_operator, batches, solve)
+    assert top.payload["operators"]["combination"] == "block diagonal"
+    assert top.payload["union_value"] == pytest.approx(max(np.linalg.eigvalsh(m)[-1] for m in batches) / 8)
+    assert "one block per batch" in top.payload["warning"]
+    trace = jackknife(block_operator, batches, functools.partial(hutchpp_trace, n_matvecs=240))
+    assert trace.payload["warning"] is None
+    assert trace.value == pytest.approx(np.mean([np.trace(m) for m in batches]), rel=1e-9)
 
 
 def test_factory_that_is_not_a_reweighting_is_rebuilt():
@@ -274,7 +291,8 @@ def test_sample_size_curve_shows_the_drift_and_carries_bars_where_groups_allow()
     for p in points:
         assert p["value"] == pytest.approx(np.linalg.eigvalsh(np.mean(batches[:p["n_batches"]], axis=0))[-1],
                                            rel=1e-9)
-        assert p["status"] == "ok" and p["solver_error_kind"] == "residual-bound" and p["solver_error"] <= 1e-6 * p["value"]
+        assert p["status"] == "ok" and p["solver_error_kind"] == "residual-bound"
+        assert p["solver_error"] <= 1e-6 * p["value"]
         assert (p["jackknife"] is None) == (p["n_batches"] < 8)
     assert [p["jackknife"]["settings"]["group_size"] for p in points[3:]] == [1, 2, 4]
     assert points[-1]["jackknife"]["payload"]["union_value"] == points[-1]["value"] == curve.value

@@ -24,6 +24,9 @@ than the data noise, where f is not smooth: lambda_min of that population, insid
 40 %. Such records carry a `warning`: the estimated bias is then many standard errors (bias_to_standard_error
 > 3, against a median of 1.2 for lambda_max; for a smooth f it shrinks as N^-1/2); fewer than 5 % of the
 lambda_max draws were flagged, and every lambda_min draw.
+On activation sites the operator is block diagonal, one block per batch, weighted 1/N: its extreme eigenvalue
+is a maximum over batches with no population limit, and the record's `warning` says the interval means
+nothing for it (its trace is a mean over batches, and keeps the meaning above).
 The interval covers data sampling only. The solvers' own errors are separate: payload
 `solver_error_propagated` = G r_union + (G - 1) mean(r_(g)) bounds their effect on `value` when each r bounds
 its solve's error (a residual bound); a stochastic estimator is run with the same seed in every solve, so its
@@ -94,12 +97,19 @@ def jackknife_statistics(union_value: float, leave_one_out: list[float], level: 
             "interval": [value - t * se, value + t * se], "bias_to_standard_error": ratio}
 
 
-def _nonlinearity_warning(ratio: float | None) -> str | None:
-    if ratio is not None and ratio <= BIAS_RATIO_LIMIT:
-        return None
-    size = "more than any" if ratio is None else f"{ratio:.1f}"
-    return (f"the estimated bias is {size} standard errors (limit {BIAS_RATIO_LIMIT:g}): the estimate is far from "
-            "linear in the data (a cluster at this end of the spectrum?) and the interval undercovers")
+def _warning(ratio: float | None, per_batch_extreme: bool) -> str | None:
+    """Why the interval cannot be trusted, or None."""
+    reasons = []
+    if per_batch_extreme:
+        reasons.append("the operator has one block per batch (activations): its extreme eigenvalue is the largest "
+                       "over the batches, weighted by 1/N, which has no population limit, so the interval means "
+                       "nothing for it (a trace is a mean over batches, and keeps its meaning)")
+    if ratio is None or ratio > BIAS_RATIO_LIMIT:
+        size = "more than any" if ratio is None else f"{ratio:.1f}"
+        reasons.append(f"the estimated bias is {size} standard errors (limit {BIAS_RATIO_LIMIT:g}): the estimate is "
+                       "far from linear in the data (a cluster at this end of the spectrum?) and the interval "
+                       "undercovers")
+    return "; ".join(reasons) or None
 
 
 def jackknife(make_op, batches, estimator, n_groups: int = MIN_GROUPS, level: float = DEFAULT_LEVEL,
@@ -115,9 +125,10 @@ def jackknife(make_op, batches, estimator, n_groups: int = MIN_GROUPS, level: fl
     "jackknife", vectors = the union's; payload: union_value, union_solver_error, solver_error_kind,
     leave_one_out_values, leave_one_out_solver_errors, bias, standard_error, interval, level, t_quantile,
     degrees_of_freedom, solver_error_propagated, hvp_cost {union, leave_one_out (per solve), check, total},
-    operators {combination, mismatch}; hvp_count = the products this call made (the union's only if it
-    solved it: settings union_solved_here). A failed solve gives status "failed: ..." and null value and error, with the
-    values computed so far kept in the payload.
+    operators {combination, mismatch}, bias_to_standard_error, warning (None, or why the interval cannot be
+    trusted); hvp_count = the products this call made (the union's only if it solved it: settings
+    union_solved_here). A failed solve gives status "failed: ..." and null value and error, with the values
+    computed so far kept in the payload.
     """
     groups = split_groups(batches, n_groups, MIN_GROUPS)
     level = _check_level(level)
@@ -127,19 +138,22 @@ def jackknife(make_op, batches, estimator, n_groups: int = MIN_GROUPS, level: fl
                 "warm_start": warm, "combine": combine, "union_solved_here": False}
     payload = {"union_value": None, "level": level}
     hvps = {"check": 0}
-    everyone, loo, status = list(range(n_groups)), [], "ok"
+    everyone, loo, status, per_batch_space = list(range(n_groups)), [], "ok", False
     try:
         grouped = BatchGroups(make_op, groups, combine)
         hvps["check"] = grouped.check_hvps
         payload["operators"] = {"combination": grouped.how, "mismatch": grouped.mismatch}
+        whole = grouped.operator(everyone)
         if union is None:
-            union = _solve(estimator, grouped.operator(everyone), v0, warm)
+            union = _solve(estimator, whole, v0, warm)
             settings["union_solved_here"] = True
         if union.status != "ok":
             status = f"failed: the estimate on the union: {union.status}"
         for g in everyone if status == "ok" else []:
             rest = everyone[:g] + everyone[g + 1:]
-            est = _solve(estimator, grouped.operator(rest), grouped.restrict(_top(union), everyone, rest), warm)
+            op = grouped.operator(rest)
+            per_batch_space = op.shape[0] != whole.shape[0]
+            est = _solve(estimator, op, grouped.restrict(_top(union), everyone, rest), warm)
             loo.append(est)
             if est.status != "ok":
                 status = f"failed: leaving out group {g}: {est.status}"
@@ -166,7 +180,7 @@ def jackknife(make_op, batches, estimator, n_groups: int = MIN_GROUPS, level: fl
     payload.update(bias=jk["bias"], standard_error=jk["standard_error"], interval=jk["interval"],
                    t_quantile=jk["t_quantile"], degrees_of_freedom=jk["degrees_of_freedom"],
                    bias_to_standard_error=jk["bias_to_standard_error"],
-                   warning=_nonlinearity_warning(jk["bias_to_standard_error"]),
+                   warning=_warning(jk["bias_to_standard_error"], per_batch_space and quantity != "trace"),
                    solver_error_propagated=None if None in solver else
                    n_groups * solver[0] + (n_groups - 1) * float(np.mean(solver[1:])))
     return Estimate(quantity, jk["value"], jk["standard_error"], "jackknife", converged, spent, elapsed,
