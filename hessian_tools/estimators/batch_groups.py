@@ -41,15 +41,15 @@ def split_groups(batches, n_groups: int, min_groups: int) -> list[list]:
 
 
 class UnionOperator:
-    """sum_i c_i H_i (shared space) or the direct sum of the c_i H_i (`blocks`), one product per member."""
+    """sum_i c_i H_i (shared space) or the direct sum of the c_i H_i (`blocks`), one product per member;
+    `total_weight` = the members' summed weights (the operator contract of `make_op`)."""
 
-    def __init__(self, ops: list, coefficients: list[float], blocks: bool):
-        self.ops, self.coefficients, self.blocks = ops, coefficients, blocks
+    def __init__(self, ops: list, coefficients: list[float], blocks: bool, total_weight: float):
+        self.ops, self.coefficients, self.blocks, self.total_weight = ops, coefficients, blocks, total_weight
         dims = [op.shape[0] for op in ops]
         self.offsets = [sum(dims[:i]) for i in range(len(dims) + 1)] if blocks else None
         n = self.offsets[-1] if blocks else dims[0]
         self.shape, self.device, self.dtype = (n, n), ops[0].device, ops[0].dtype
-        self.total_weight = sum(float(getattr(op, "total_weight", 1.0)) for op in ops)
         self.hvp_count = 0
 
     @property
@@ -96,7 +96,8 @@ class BatchGroups:
 
     def _combined(self, members: list[int], blocks: bool) -> UnionOperator:
         total = sum(self.weights[g] for g in members)
-        return UnionOperator([self.ops[g] for g in members], [self.weights[g] / total for g in members], blocks)
+        return UnionOperator([self.ops[g] for g in members], [self.weights[g] / total for g in members], blocks,
+                             total)
 
     def _check(self):
         pair = self.make_op(self.groups[0] + self.groups[1])

@@ -17,13 +17,14 @@ Meaning: an approximate `level` (default 68 %) confidence interval for theta: ov
 batches it contains theta in about that fraction of draws. It is an interval for the population quantity, not
 for the union estimate's own expectation at N batches. Approximate: the jackknife is exact only as G grows for
 a smooth f. Coverage of nominal 68 % intervals on a synthetic population with known theta (per-sample PSD
-outer products plus an indefinite part, n = 100; 8 groups of one batch; tests/test_data_error.py, 200 draws):
-lambda_max 69 % (the same intervals without the bias correction: 43 %; the 2-halves "union +- std / sqrt(2)"
-this replaces: 34 %), trace 72 %. It undercovers where the measured eigenvalue sits in a cluster narrower
-than the data noise, where f is not smooth: lambda_min of that population, inside a cluster of width 0.08,
-40 %. Such records carry a `warning`: the estimated bias is then many standard errors (bias_to_standard_error
-> 3, against a median of 1.2 for lambda_max; for a smooth f it shrinks as N^-1/2); fewer than 5 % of the
-lambda_max draws were flagged, and every lambda_min draw.
+outer products plus an indefinite part, n = 100; 8 groups of one batch), in 200 draws (tests/test_data_error.py)
+and 1000 draws (benchmarks/data_error_calibration.py): lambda_max 69 % and 67 % (the same intervals without
+the bias correction: 43 % and 46 %; the 2-halves "union +- std / sqrt(2)" this replaces: 34 % and 33 %),
+trace 72 % and 67 %. It undercovers where the measured eigenvalue sits in a cluster narrower than the data
+noise, where f is not smooth: lambda_min of that population, inside a cluster of width 0.08, 40 % of 1000.
+Such records carry a `warning`: the estimated bias is then many standard errors (bias_to_standard_error > 3;
+for a smooth f it shrinks as N^-1/2): 99.5 % of the lambda_min draws were flagged, 0.7 % of the lambda_max
+ones.
 On activation sites the operator is block diagonal, one block per batch, weighted 1/N: its extreme eigenvalue
 is a maximum over batches with no population limit, and the record's `warning` says the interval means
 nothing for it (its trace is a mean over batches, and keeps the meaning above).
@@ -34,7 +35,9 @@ probes are held fixed and the interval is for its fixed-probe estimate.
 
 Cost: the group operators are built once and every union is their reweighting (`batch_groups.py`); the
 leave-one-out solves start from the union's top vector (`v0`) when the estimator takes `v0` and
-`return_vectors` (lanczos), so they take few products. `hvp_cost` in the payload counts them.
+`return_vectors` (lanczos), so they take fewer products (a dim-16 simplegpt, 8 groups, tol 1e-6: 8-14 per
+leave-one-out solve against 11-18 from random starts; benchmarks/data_error_calibration.py). `hvp_cost` in
+the payload counts them.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def _solve(estimator, op, v0, warm: bool) -> Estimate:
     """estimator(op), warm-started from v0 (if its length fits) and keeping vectors when `warm`."""
     if not warm:
         return estimator(op)
-    if v0 is not None and v0.numel() != op.shape[0]:
+    if v0 is not None and len(v0) != op.shape[0]:
         v0 = None
     return estimator(op, v0=v0, return_vectors=True)
 
