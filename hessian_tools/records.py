@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ERROR_KINDS = ("certified", "probabilistic", "measured", "residual-bound", "estimate", "standard-error", "group-std",
-               "bootstrap", "none")
+               "bootstrap", "jackknife", "none")
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -64,7 +64,8 @@ class Estimate:
     "residual-bound"  some eigenvalue (not necessarily the named one) lies within it: certified;
     "estimate"        no guarantee (e.g. Kato-Temple with an estimated gap, unmeasured float32 rounding);
     "standard-error"  Monte-Carlo, one sigma; "group-std": std over disjoint data groups; "bootstrap": std over
-                      resamples; "none": no error (failed records).
+                      resamples; "jackknife": delete-one-group jackknife standard error of a bias-corrected
+                      estimate (payload interval and level, see estimators/data_error.py); "none": no error (failed records).
     """
 
     quantity: str

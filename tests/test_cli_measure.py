@@ -158,12 +158,29 @@ def test_trace_within_three_standard_errors(ckpt_dir, dense_params, capsys, meth
     assert 0 < rec["error"] and abs(rec["value"] - exact) <= 3 * rec["error"]
 
 
-def test_data_spread_and_power(ckpt_dir, capsys):
+def test_data_spread_jackknife_and_sample_size_curve(ckpt_dir, capsys):
+    argv = ["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-8", "--data-spread", "8",
+            "--sample-size-curve", "--batches", "8", "--batch-size", "1", "--seed", "3", *EXACT]
+    rec, _ = run_json(capsys, *argv, "--json")
+    jk, curve = rec["data_spread"], rec["sample_size_curve"]
+    assert jk["error_kind"] == "jackknife" and jk["status"] == "ok" and jk["settings"]["n_groups"] == 8
+    p = jk["payload"]
+    assert p["union_value"] == rec["value"] and not jk["settings"]["union_solved_here"]  # the main solve, reused
+    assert len(p["leave_one_out_values"]) == 8 and p["interval"][0] < jk["value"] < p["interval"][1]
+    assert jk["value"] == pytest.approx(p["union_value"] - p["bias"]) and p["level"] == 0.68
+    assert [q["n_batches"] for q in curve["payload"]["points"]] == [1, 2, 4, 8]
+    assert curve["payload"]["points"][-1]["jackknife"] == jk and curve["value"] == rec["value"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "jackknife, 8 groups of 1 batches" in table and "68 % interval" in table and "sample size" in table
+
+
+def test_data_spread_with_power_iteration(ckpt_dir, capsys):
     rec, _ = run_json(capsys, "spectrum", str(ckpt_dir), "--params", PARAMS, "--method", "power", "--tol", "1e-4",
-                      "--data-spread", "2", "--json", *DATA, *EXACT)
+                      "--data-spread", "8", "--batches", "8", "--batch-size", "1", "--json", *EXACT)
     spread = rec["data_spread"]
-    assert rec["quantity"] == "lambda_absmax" and spread["error_kind"] == "group-std"
-    assert len(spread["payload"]["group_values"]) == 2 and spread["error"] > 0
+    assert rec["quantity"] == "lambda_absmax" and spread["error_kind"] == "jackknife"
+    assert not spread["settings"]["warm_start"] and spread["error"] > 0 and "sample_size_curve" not in rec
 
 
 def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
@@ -186,8 +203,10 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
     (["spectrum", "{ckpt}", "--site", SITE, "--distributed"], "parameter space only"),
-    (["spectrum", "{ckpt}", "--distributed", "--data-spread", "2"], "--data-spread does not run"),
-    (["spectrum", "{ckpt}", "--batches", "3", "--data-spread", "2"], "cannot form 2 equal groups"),
+    (["spectrum", "{ckpt}", "--distributed", "--data-spread", "8"], "do not run under --distributed"),
+    (["spectrum", "{ckpt}", "--distributed", "--sample-size-curve"], "do not run under --distributed"),
+    (["spectrum", "{ckpt}", "--data-spread", "2"], "the jackknife needs at least 8 groups"),
+    (["spectrum", "{ckpt}", "--batches", "12", "--data-spread", "8"], "not a multiple of --data-spread 8"),
     (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),
     (["density", "{ckpt}", "--out", "{tmp}/density.pdf"], "must end in .png"),
     (["density", "{ckpt}", "--out", "{tmp}/no/density.png"], "does not exist"),

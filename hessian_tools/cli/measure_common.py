@@ -22,6 +22,7 @@ SPACES = ("params", "activation")
 MODES = ("auto", "rev-rev", "fwd-rev", "double-backward")  # hessian_tools.operators.MODES, without importing torch
 SCALED = ("none", "layer", "elementwise", "adam")  # --scaled: "none" or a key of hessian_tools.operators.SCALINGS
 EXIT_FAILED = 3
+MIN_GROUPS = 8  # hessian_tools.estimators.data_error.MIN_GROUPS, without importing torch
 
 
 def add_measure_flags(p, data_spread: bool = True):
@@ -54,7 +55,11 @@ def add_measure_flags(p, data_spread: bool = True):
     d.add_argument("--seed", type=int, default=0, help="seed of the batches and of the estimator (default 0)")
     if data_spread:
         d.add_argument("--data-spread", type=int, default=None, metavar="GROUPS",
-                       help="also repeat the estimate on GROUPS disjoint groups of the batches (their std)")
+                       help="data error bar: delete-one-group jackknife over GROUPS >= 8 disjoint groups of the "
+                       "batches (bias-corrected estimate, standard error, 68 %% interval for the population value)")
+        d.add_argument("--sample-size-curve", action="store_true",
+                       help="also the estimate on the first 1, 2, 4, ..., N batches (with the jackknife at each "
+                       "multiple of --data-spread GROUPS)")
     d.add_argument("--distributed", action="store_true",
                    help="under torchrun: each rank evaluates its share of the batches (parameter space)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -90,27 +95,54 @@ class Measurement:
         with hvp_bar(desc, total, self.talk) as bar:
             return estimator(ProgressOperator(self.op, bar))
 
-    def spread(self, estimator, desc: str):
-        """data_spread of `estimator` over --data-spread disjoint groups of the batches (None if not asked)."""
-        groups = getattr(self.args, "data_spread", None)
-        if groups is None:
-            return None
-        from hessian_tools.estimators import data_spread
+    @property
+    def data_asked(self) -> bool:
+        return getattr(self.args, "data_spread", None) is not None or getattr(self.args, "sample_size_curve", False)
+
+    def solver(self, estimator):
+        """`estimator`, keeping Ritz vectors when a data error bar will warm-start from them."""
+        import functools
+
+        from hessian_tools.estimators.data_error import warm_startable
+
+        return functools.partial(estimator, return_vectors=True) if self.data_asked and warm_startable(estimator) \
+            else estimator
+
+    def spread(self, estimator, desc: str, union=None) -> dict:
+        """The data error records the flags ask for: {"data_spread": jackknife (--data-spread GROUPS),
+        "sample_size_curve": sample_size_curve (--sample-size-curve)}; `union` = the estimate already made."""
+        from hessian_tools.estimators import jackknife, sample_size_curve
         from hessian_tools.progress import ProgressOperator, hvp_bar
+        from hessian_tools.records import Estimate
 
+        groups, curve = getattr(self.args, "data_spread", None), getattr(self.args, "sample_size_curve", False)
+        if not self.data_asked:
+            return {}
         make_op = operator_factory(self.args, self.ckpt)
-        with hvp_bar(f"{desc} (data spread, {groups} groups)", None, self.talk) as bar:
-            return data_spread(lambda b: ProgressOperator(make_op(b), bar), self.batches, estimator, n_groups=groups,
-                               seed=self.args.seed)
+        out = {}
+        with hvp_bar(f"{desc} (data error)", None, self.talk) as bar:
+            counted = lambda b: ProgressOperator(make_op(b), bar)  # noqa: E731
+            if curve:
+                out["sample_size_curve"] = sample_size_curve(counted, self.batches, estimator, n_groups=groups,
+                                                             union=union)
+                last = out["sample_size_curve"].payload["points"][-1]["jackknife"]
+                if last is not None:
+                    out["data_spread"] = Estimate.from_dict(last)
+            else:
+                out["data_spread"] = jackknife(counted, self.batches, estimator, n_groups=groups, union=union)
+        return out
 
-    def finish(self, record, table_lines, spread=None, extra: dict | None = None, write=None) -> int:
+    def finish(self, record, table_lines, spread: dict | None = None, extra: dict | None = None, write=None) -> int:
         """Attach provenance and the guard; on rank 0 call write(JSON object, record) if given, then print.
+
+        `spread`: the data error records from `spread()`, printed under their keys.
 
         Returns the exit status."""
         from hessian_tools import __version__
 
         a = self.args
-        record = dataclasses.replace(record, settings={**record.settings, "self_check": self.guard})
+        record = dataclasses.replace(record, settings={**record.settings, "self_check": self.guard}, vectors=None)
+        spread = spread or {}
         record = record.with_provenance(
             command=a.command, checkpoint=str(self.ckpt.path), arch=self.ckpt.config.arch, step=self.ckpt.step,
             version=__version__, n_batches=len(self.batches), batch_size=a.batch_size,
@@ -118,8 +150,7 @@ class Measurement:
             world_size=getattr(self.op, "world_size", 1), tokens=self.ckpt.token_provenance(),
             settings_from=self.ckpt.settings_from)
         out = record.to_dict()
-        if spread is not None:
-            out["data_spread"] = spread.to_dict()
+        out.update({key: data.to_dict() for key, data in spread.items()})
         out.update(extra or {})
         if self.talk:
             if write is not None and record.status == "ok":
@@ -127,8 +158,8 @@ class Measurement:
             if a.json:
                 print(json.dumps(out, allow_nan=False))
             else:
-                print("\n".join(table_lines(record) + (_spread_lines(spread) if spread else [])))
-        failed = [r.status for r in (record, spread) if r is not None and r.status != "ok"]
+                print("\n".join(table_lines(record) + _data_lines(spread)))
+        failed = [r.status for r in (record, *spread.values()) if r.status != "ok"]
         if failed:
             self.say(f"hessian-tools {a.command}: the estimate failed: {failed[0]}")
             return EXIT_FAILED
@@ -179,8 +210,14 @@ def _check_flags(args):
         raise UserError("--params selects parameters: use it with --space params, not with an activation --site")
     if args.distributed and args.space != "params":
         raise UserError("--distributed splits batches in parameter space only; drop --distributed or --site")
-    if args.distributed and getattr(args, "data_spread", None) is not None:
-        raise UserError("--data-spread does not run under --distributed; drop one of them")
+    groups = getattr(args, "data_spread", None)
+    if args.distributed and (groups is not None or getattr(args, "sample_size_curve", False)):
+        raise UserError("--data-spread and --sample-size-curve do not run under --distributed; drop one of them")
+    if groups is not None and groups < MIN_GROUPS:
+        raise UserError(f"--data-spread {groups}: the jackknife needs at least {MIN_GROUPS} groups")
+    if groups is not None and args.batches % groups:
+        raise UserError(f"--batches {args.batches} is not a multiple of --data-spread {groups}: the groups must "
+                        "be equal")
 
 
 def prepare(args) -> Measurement:
@@ -258,12 +295,41 @@ def summary_lines(record) -> list[str]:
     ]
 
 
-def _spread_lines(spread) -> list[str]:
-    p = spread.payload
-    if spread.status != "ok":
-        return [f"{'data spread':<14} failed: {spread.status}"]
-    solver = p.get("mean_solver_error")
+def _data_lines(spread: dict) -> list[str]:
+    lines = []
+    if "data_spread" in spread:
+        lines += _jackknife_lines(spread["data_spread"])
+    if "sample_size_curve" in spread:
+        lines += _curve_lines(spread["sample_size_curve"])
+    return lines
+
+
+def _jackknife_lines(jk) -> list[str]:
+    p, s = jk.payload, jk.settings
+    head = f"{'data error':<14} jackknife, {s['n_groups']} groups of {s['group_size']} batches"
+    if jk.status != "ok":
+        return [f"{head}: {jk.status}"]
+    low, high = p["interval"]
+    solver = p["solver_error_propagated"]
     solver = "n/a" if solver is None else f"{solver:.2g}"
-    groups = ", ".join(f"{v:.6g}" for v in p["group_values"])
-    return [f"{'data spread':<14} std {spread.error:.3g} over {len(p['group_values'])} groups "
-            f"(mean {spread.value:.8g}; solver error {solver}): {groups}"]
+    lines = [f"{head}: {jk.value:.8g} +- {jk.error:.3g} (bias-corrected; union {p['union_value']:.8g}, "
+             f"bias {p['bias']:+.3g})",
+             f"{'':<14} {100 * p['level']:g} % interval [{low:.6g}, {high:.6g}] for the population value; "
+             f"solver errors move it by <= {solver}; {jk.hvp_count} HVPs ({p['operators']['combination']})"]
+    return lines + ([f"{'':<14} warning: {p['warning']}"] if p["warning"] else [])
+
+
+def _curve_lines(curve) -> list[str]:
+    level = curve.payload["level"]
+    lines = [f"{'sample size':<14} {'batches':>7}  {'estimate':>14}  {'solver error':>12}  "
+             f"jackknife ({100 * level:g} % interval)"]
+    for p in curve.payload["points"]:
+        value = "failed" if p["value"] is None else f"{p['value']:.8g}"
+        solver = "" if p["solver_error"] is None else f"{p['solver_error']:.2g}"
+        jk, data = p["jackknife"], ""
+        if jk is not None:
+            data = jk["status"] if jk["status"] != "ok" else \
+                f"{jk['value']:.6g} +- {jk['error']:.2g} [{jk['payload']['interval'][0]:.6g}, " \
+                f"{jk['payload']['interval'][1]:.6g}]"
+        lines.append(f"{'':<14} {p['n_batches']:>7}  {value:>14}  {solver:>12}  {data}")
+    return lines

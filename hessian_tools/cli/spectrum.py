@@ -72,5 +72,5 @@ def run(args) -> int:
 
     est = estimator(args)  # flag errors before the (slow) load
     m = prepare(args)
-    record = m.run(est, f"spectrum ({args.method})")
-    return m.finish(record, table, m.spread(est, "spectrum"))
+    record = m.run(m.solver(est), f"spectrum ({args.method})")
+    return m.finish(record, table, m.spread(est, "spectrum", union=record))

@@ -1,8 +1,10 @@
-"""The data-sampling error bar: one estimator repeated over disjoint groups of batches (and bootstrap resamples).
+"""The spread of one estimator over disjoint groups of batches (and bootstrap resamples): descriptive only.
 
-The solver's own error (a residual bound or a Monte-Carlo standard error) says how well one Hessian was
-measured; the spread over data groups says how much that Hessian depends on which batches were drawn.
-Reporting both lets a user see which dominates.
+The group values are estimates on 1/n_groups of the data each, so their mean is biased (lambda_max is convex
+in the data) and std / sqrt(n_groups) is not an error bar of the estimate on the union: on a population
+with a known answer it covered lambda_max in 34 % of 200 trials for a nominal 68 % (tests/test_data_error.py).
+The data error bar of the union estimate is `data_error.jackknife`; this function stays only while
+`sweep.py` still calls it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from hessian_tools.errors import UserError
+from hessian_tools.estimators.batch_groups import split_groups
 from hessian_tools.records import Estimate
 
 
@@ -31,14 +33,10 @@ def data_spread(make_op: Callable[[list], object], batches: Sequence, estimator:
     and with resamples bootstrap_values, bootstrap_std.
     """
     batches = list(batches)
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 2:
-        raise UserError(f"n_groups={n_groups!r} must be an integer >= 2 to measure a spread")
-    if len(batches) < n_groups or len(batches) % n_groups:
-        raise UserError(f"{len(batches)} batches cannot form {n_groups} equal groups: "
-                        f"pass a multiple of {n_groups} batches")
-    size = len(batches) // n_groups
+    split = split_groups(batches, n_groups, 2)
+    size = len(split[0])
     start = time.perf_counter()
-    groups = [estimator(make_op(batches[i * size:(i + 1) * size])) for i in range(n_groups)]
+    groups = [estimator(make_op(group)) for group in split]
     rng = np.random.default_rng(seed)
     resamples = [estimator(make_op([batches[j] for j in rng.integers(0, len(batches), len(batches))]))
                  for _ in range(n_bootstrap)]
