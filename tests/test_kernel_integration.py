@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_device import generator, on_device, token_batch  # noqa: F401 (on_device: autouse fixture)
+from kernel_device import DEVICE, generator, token_batch
 
 from models import build_model, next_token_loss
 from models.config import GPTConfig
@@ -16,7 +16,8 @@ from models.norms import layer_norm as ref_layer_norm
 from models.norms import rms_norm as ref_rms_norm
 
 EPS = 1e-5
-F64 = dict(dtype=torch.float64)
+F64 = dict(dtype=torch.float64, device=DEVICE)  # tensors made explicitly on DEVICE: under a torch.device
+# context (a TorchFunctionMode) dynamo cannot trace Tensor.unflatten
 
 
 def pair(op: str):
@@ -122,11 +123,11 @@ def test_compiled_training_step_matches_eager(arch, backend):
     the gradients of the eager reference model (on CPU with aot_eager: dynamo, fake tensors and AOTAutograd
     around the interpreted kernels; inductor on a GPU)."""
     grads = []
-    for backend, compile_ in (("triton", True), ("torch", False)):
+    for norm_backend, compile_ in (("triton", True), ("torch", False)):
         torch.manual_seed(0)
         cfg = GPTConfig(arch=arch, vocab_size=11, dim=8, n_layers=1, n_heads=2, seq_len=4, ffn_hidden=8,
-                        norm_backend=backend)
-        model = build_model(cfg).double()
+                        norm_backend=norm_backend)
+        model = build_model(cfg).double().to(DEVICE)
         batch = token_batch(2, 4, 11)
         torch._dynamo.reset()
         forward = torch.compile(model, fullgraph=True, backend=backend) if compile_ else model

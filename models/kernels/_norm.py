@@ -261,8 +261,12 @@ def _bwd2_kernel(
 # -------------------------------------------------------------------------------------------------- launchers
 
 
+@torch.compiler.disable
 def _launch(kernel, name: str, geo, *args, **flags):
-    """Launch over geo.grid on geo.device (inside its CUDA device context); nothing to do without rows."""
+    """Launch over geo.grid on geo.device (inside its CUDA device context); nothing to do without rows.
+
+    Never traced by dynamo: under torch.compile the ops' fake kernels stand in, and an op that runs eagerly
+    inside a compiled region (after a graph break) must not have its launch traced."""
     LAUNCHES[name] += 1
     if 0 in geo.grid or geo.N == 0:
         return
