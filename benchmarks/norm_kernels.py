@@ -290,7 +290,7 @@ def engine_rows(run: Run) -> dict:
                 out["hutchinson"].append({"requested_mode": mode, "mode": op.mode, "chunk": op.chunk,
                                           "trace": est.value, "std_error": est.error, "status": est.status,
                                           "hvps": est.hvp_count, "seconds": time.perf_counter() - start})
-        del model, params
+        model = params = op = None  # free this backend's model and graphs before the next one is built
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
     return out
