@@ -33,7 +33,9 @@ def add_measure_flags(p, data_spread: bool = True):
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="evaluation dtype of the products (Krylov vectors are float64 always; default float32)")
     g.add_argument("--mode", choices=MODES, default="auto",
-                   help="HVP mode (default auto: the fastest of a short measurement)")
+                   help="HVP mode (default auto: double-backward, the fastest on CPU)")
+    g.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+                   help="working memory the products may use: graphs are dropped or batches micro-batched to fit")
     d = p.add_argument_group("data")
     d.add_argument("--batches", type=int, default=1, help="held-out measurement batches (default 1)")
     d.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
@@ -126,16 +128,17 @@ def operator_factory(args, model):
     """batches -> the operator the flags ask for (ParamHessian or ActivationHessian) on `model`."""
     from hessian_tools.operators import ActivationHessian, ParamHessian
 
+    common = dict(dtype=args.dtype, mode=args.mode, memory_budget=args.memory_budget)
     if args.space == "activation":
-        return lambda batches: ActivationHessian(model, batches, args.site, dtype=args.dtype, mode=args.mode)
-    return lambda batches: ParamHessian(model, batches, params=args.params, dtype=args.dtype, mode=args.mode)
+        return lambda batches: ActivationHessian(model, batches, args.site, **common)
+    return lambda batches: ParamHessian(model, batches, params=args.params, **common)
 
 
 def _check_flags(args):
     from hessian_tools.errors import UserError
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
-                        ("--seq-len", args.measure_seq_len or 1)):
+                        ("--seq-len", args.measure_seq_len or 1), ("--memory-budget", 1 if args.memory_budget is None else args.memory_budget)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     args.space = args.space or ("activation" if args.site else "params")
