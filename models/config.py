@@ -9,7 +9,7 @@ from hessian_tools.errors import UserError
 ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 LLAMA_FAMILY = ("llama2", "llama2_qknorm", "simplegpt")
 GPT2_FAMILY = ("gpt2", "simplegpt_gpt2")
-NORM_BACKENDS = ("auto", "torch", "triton")
+NORM_BACKENDS = ("auto", "torch", "triton", "compiled")
 
 
 def llama_ffn_hidden(dim: int, multiple_of: int = 32) -> int:
@@ -24,7 +24,8 @@ class GPTConfig:
 
     seq_len is the longest context (size of the RoPE table or of the learned position table).
     ffn_hidden = 0 means the family default: llama_ffn_hidden(dim) for the Llama family, 4 * dim for GPT-2.
-    norm_backend: "torch" (reference), "triton" (fused kernels), "auto" (triton on CUDA, torch elsewhere).
+    norm_backend: "torch" (reference), "triton" (fused kernels), "auto" (triton on CUDA, torch elsewhere),
+    "compiled" (torch.compile while training, the reference otherwise; see models.norms).
     """
 
     arch: str = "simplegpt"

@@ -24,6 +24,10 @@ _ALIASING: dict = {}  # operator -> whether an output aliases an input (a view o
 class _StorageCounter(TorchDispatchMode):
     """Counts storages created by operators while active (CPU tensors only)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # nothing is compiled in here; the default wrapper imports torch._dynamo (seconds) on first use
+
     def __init__(self):
         super().__init__()
         self.sizes: dict[int, int] = {}
