@@ -30,7 +30,7 @@ def run_part(part: str, quick: bool = False, runs_root=None, with_peers: bool = 
         result["shape"] = {k: shape[k] for k in DESCRIBED}
         result["hvp"] = hvp_cost.run(shape, say)
     elif part == "peers":
-        result.update(peers(quick, runs_root, with_peers, say))
+        result.update(compare_peers(quick, runs_root, with_peers, say))
     elif part == "scale":
         from hessian_tools.bench import scale
 
@@ -41,7 +41,7 @@ def run_part(part: str, quick: bool = False, runs_root=None, with_peers: bool = 
     return result
 
 
-def peers(quick: bool, runs_root, with_peers: bool, say) -> dict:
+def compare_peers(quick: bool, runs_root, with_peers: bool, say) -> dict:
     """The "peers" part: step-300 checkpoints of every variant and simplegpt at init; the warm sweep; traces."""
     from hessian_tools.bench import accuracy, checkpoints
     from hessian_tools.bench import peers as P

@@ -69,16 +69,24 @@ def peer_times(model, batch, quantity: str, ref: dict) -> dict:
     signed = ref["dominant"] if quantity == "spectral_norm" else target
     out = {}
     if _dominant_applies(quantity, ref):
-        _, counted = P.pyhessian(model, batch, "eigenvalues", maxIter=POWER_ITER, tol=float("-inf"))
-        out["pyhessian power"] = _hit(counted, signed)
-        _, counted = P.eigenthings(model, batch, "deflated_power_iteration", k=1, max_iter=POWER_ITER, tol=0.0)
-        out["eigenthings power"] = _hit(counted, signed)
+        out["pyhessian power"] = attempt(lambda: _hit(P.pyhessian(
+            model, batch, "eigenvalues", maxIter=POWER_ITER, tol=float("-inf"))[1], signed))
+        out["eigenthings power"] = attempt(lambda: _hit(P.eigenthings(
+            model, batch, "deflated_power_iteration", k=1, max_iter=POWER_ITER, tol=0.0)[1], signed))
     which = QUANTITIES[quantity][1]
-    out["eigenthings lanczos"] = _ladder(
-        LANCZOS_LADDER, target, lambda m: _eigenthings_lanczos(model, batch, which, m, quantity))
-    out["curvlinops eigsh"] = _ladder(
-        EIGSH_LADDER, target, lambda tol: _signed(P.curvlinops_eigsh(model, batch, which, tol), quantity))
+    out["eigenthings lanczos"] = attempt(lambda: _ladder(
+        LANCZOS_LADDER, target, lambda m: _eigenthings_lanczos(model, batch, which, m, quantity)))
+    out["curvlinops eigsh"] = attempt(lambda: _ladder(
+        EIGSH_LADDER, target, lambda tol: _signed(P.curvlinops_eigsh(model, batch, which, tol), quantity)))
     return out
+
+
+def attempt(run) -> dict:
+    """run(), or {"reached": False, "failed": its exception in one line} when the peer raises."""
+    try:
+        return run()
+    except Exception as exc:  # a peer's own failure is a result to report
+        return {"reached": False, "failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
 
 
 def _signed(pair, quantity):
@@ -118,21 +126,29 @@ def defaults(model, batch, ref: dict, with_peers: bool) -> dict:
     rows["ours lanczos()"] = _default_row(est.value, "lambda_max", ref, est.hvp_count, s)
     if not with_peers:
         return rows
-    (result, counted), s = timed(lambda: P.pyhessian(model, batch, "eigenvalues"))
-    rows["pyhessian eigenvalues()"] = _default_row(result[0][0], "dominant", ref, counted.hvps, s)
-    (result, counted), s = timed(lambda: P.eigenthings(model, batch, "lanczos", k=1, seed=0))
-    rows["eigenthings lanczos(k=1)"] = _default_row(float(result.eigenvalues[0]), "dominant", ref, counted.hvps, s)
-    (result, counted), s = timed(lambda: P.eigenthings(model, batch, "deflated_power_iteration", k=1, seed=0))
-    rows["eigenthings deflated_power_iteration(k=1)"] = _default_row(float(result.eigenvalues[0]), "dominant", ref,
-                                                                      counted.hvps, s)
+    def peer_default(run, quantity):
+        def row():
+            (value, counted), seconds = timed(run)
+            return _default_row(value, quantity, ref, counted.hvps, seconds)
+
+        return attempt(row)
+
+    def first(pair):
+        result, counted = pair
+        return float(result.eigenvalues[0]), counted
 
     def arpack():
         counted = P.Counted()
         _, linop = P.curvlinops_operator(model, batch, counted)
         return float(eigsh(linop, k=1, which="LA", return_eigenvectors=False)[0]), counted
 
-    (value, counted), s = timed(arpack)
-    rows["curvlinops + eigsh(k=1, which=LA)"] = _default_row(value, "lambda_max", ref, counted.hvps, s)
+    rows["pyhessian eigenvalues()"] = peer_default(
+        lambda: (lambda r: (r[0][0][0], r[1]))(P.pyhessian(model, batch, "eigenvalues")), "dominant")
+    rows["eigenthings lanczos(k=1)"] = peer_default(
+        lambda: first(P.eigenthings(model, batch, "lanczos", k=1, seed=0)), "dominant")
+    rows["eigenthings deflated_power_iteration(k=1)"] = peer_default(
+        lambda: first(P.eigenthings(model, batch, "deflated_power_iteration", k=1, seed=0)), "dominant")
+    rows["curvlinops + eigsh(k=1, which=LA)"] = peer_default(arpack, "lambda_max")
     return rows
 
 
@@ -209,11 +225,17 @@ def trace_rows(model, batch, with_peers: bool) -> dict:
         samples, counted = P.pyhessian(model, batch, "trace", maxIter=TRACE_BUDGET, tol=float("-inf"))
         out["pyhessian trace()"] = {"value": statistics.fmean(samples), "hvps": counted.hvps,
                                     "std_error": statistics.stdev(samples) / math.sqrt(len(samples))}
-        for name, kwargs in (("hutchinson", {"num_samples": TRACE_BUDGET}), ("hutch_plus_plus",
-                                                                               {"num_matvecs": TRACE_BUDGET})):
-            result, counted = P.eigenthings(model, batch, name, seed=0, **kwargs)
-            out[f"eigenthings {name}"] = {"value": result.estimate, "std_error": result.stderr, "hvps": counted.hvps}
+        for name, kwargs in (("hutchinson", {"num_samples": TRACE_BUDGET}),
+                             ("hutch_plus_plus", {"num_matvecs": TRACE_BUDGET})):
+            def run(name=name, kwargs=kwargs):
+                result, counted = P.eigenthings(model, batch, name, seed=0, **kwargs)
+                return {"value": result.estimate, "std_error": result.stderr, "hvps": counted.hvps}
+
+            out[f"eigenthings {name}"] = attempt(run)
         for name in ("hutchpp_trace", "xtrace"):
-            value, counted = P.curvlinops_trace(model, batch, name, TRACE_BUDGET)
-            out[f"curvlinops {name}"] = {"value": value, "std_error": None, "hvps": counted.hvps}
+            def run(name=name):
+                value, counted = P.curvlinops_trace(model, batch, name, TRACE_BUDGET)
+                return {"value": value, "std_error": None, "hvps": counted.hvps}
+
+            out[f"curvlinops {name}"] = attempt(run)
     return out

@@ -114,21 +114,6 @@ def pyhessian(model: nn.Module, batch, method: str, **kwargs):
 # ------------------------------------------------------------------------------------- hessian-eigenthings
 
 
-class _CountedOperator:
-    """hessian-eigenthings' CurvatureOperator interface around its HessianOperator, counting products."""
-
-    def __init__(self, op, counted: Counted):
-        self.op, self.counted = op, counted
-        self.size, self.device, self.dtype = op.size, op.device, op.dtype
-
-    def matvec(self, v):
-        hv = self.op.matvec(v)
-        self.counted.record(v, hv)
-        return hv
-
-    rmatvec = __call__ = __matmul__ = matvec
-
-
 def eigenthings(model: nn.Module, batch, algorithm: str, **kwargs):
     """(result of hessian_eigenthings.<algorithm>(operator, **kwargs), Counted)."""
     require("hessian_eigenthings")
@@ -138,10 +123,13 @@ def eigenthings(model: nn.Module, batch, algorithm: str, **kwargs):
     net = _peer_model(model)
     op = he.HessianOperator(net, [(batch[0], batch[1].flatten())],
                             lambda m, b: F.cross_entropy(m(b[0]), b[1]))
-    base = he.CurvatureOperator
-    counting = type("Counted", (_CountedOperator, base), {})  # the algorithms check isinstance
-    result = getattr(he, algorithm)(counting(op, counted), **kwargs)
-    return result, counted
+    def product(v):
+        hv = op.matvec(v)
+        counted.record(v, hv)
+        return hv
+
+    counting = he.LambdaOperator(product, op.size, op.device, op.dtype)
+    return getattr(he, algorithm)(counting, **kwargs), counted
 
 
 # ---------------------------------------------------------------------------------------------- curvlinops

@@ -94,6 +94,8 @@ def engine(result: dict) -> str:
 def _cost(p) -> str:
     if p is None:
         return "not offered"
+    if "failed" in p:
+        return f"fails: {p['failed']}"
     mark = "" if p["reached"] else " (not reached)"
     return f"{p['hvps']} / {_s(p['seconds'])}{mark}"
 
@@ -123,6 +125,9 @@ def peers(result: dict) -> str:
               "| model | call | answer | answers | true error | HVPs | time |", "|---|---|---:|---|---:|---:|---:|"]
     for model, r in result["models"].items():
         for call, d in r["defaults"].items():
+            if "failed" in d:
+                lines.append(f"| {model} | `{call}` | fails: {d['failed']} | | | | |")
+                continue
             err = "n/a" if d["rel_error"] is None else f"{d['rel_error']:.1e}"
             lines.append(f"| {model} | `{call}` | {d['value']:.6g} | {d['answers']} | {err} | {d['hvps']} | "
                          f"{_s(d['seconds'])} |")
@@ -138,6 +143,9 @@ def peers(result: dict) -> str:
     for model, t in result["traces"].items():
         for method, r in t.items():
             if not isinstance(r, dict):
+                continue
+            if "failed" in r:
+                lines.append(f"| {model} | {method} | | fails: {r['failed']} | |")
                 continue
             se = "none reported" if r.get("std_error") is None else f"{r['std_error']:.3g}"
             lines.append(f"| {model} | {method} | {r['hvps']} | {r['value']:.6g} | {se} |")
