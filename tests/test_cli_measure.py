@@ -184,7 +184,6 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
     (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
-    (["spectrum", "{ckpt}", "--site", SITE, "--distributed"], "parameter space only"),
     (["spectrum", "{ckpt}", "--distributed", "--data-spread", "2"], "--data-spread does not run"),
     (["spectrum", "{ckpt}", "--batches", "3", "--data-spread", "2"], "cannot form 2 equal groups"),
     (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),

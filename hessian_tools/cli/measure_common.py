@@ -4,7 +4,7 @@ Flow of every measuring command: load CKPT, draw `--batches` fixed held-out batc
 the estimator), build the operator (parameter space, or activation space at `--site`), run the self-check
 guard (result on stderr), run the estimator with an HVP progress bar on stderr, then print one JSON object
 (`--json`: the record's to_dict() with provenance) or a short table. Under torchrun with `--distributed`
-each rank evaluates its share of the batches (parameter space only) and only rank 0 prints.
+each rank evaluates its share of the batches (in activation space: owns their blocks) and only rank 0 prints.
 Exit status: 0, 2 on bad input (one line on stderr), 3 when the estimator failed (its status on stderr).
 """
 
@@ -46,7 +46,7 @@ def add_measure_flags(p, data_spread: bool = True):
         d.add_argument("--data-spread", type=int, default=None, metavar="GROUPS",
                        help="also repeat the estimate on GROUPS disjoint groups of the batches (their std)")
     d.add_argument("--distributed", action="store_true",
-                   help="under torchrun: each rank evaluates its share of the batches (parameter space)")
+                   help="under torchrun: each rank evaluates its share of the batches")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_model_flags(p, skip=("seq_len",))  # --seq-len above is the measurement length; --context-len the model's
     p.add_argument("--context-len", dest="seq_len", type=int, default=None, metavar="T",
@@ -146,8 +146,6 @@ def _check_flags(args):
         raise UserError("--site names an activation: drop --space params (or the --site)")
     if args.space == "activation" and args.params:
         raise UserError("--params selects parameters: use it with --space params, not with an activation --site")
-    if args.distributed and args.space != "params":
-        raise UserError("--distributed splits batches in parameter space only; drop --distributed or --site")
     if args.distributed and getattr(args, "data_spread", None) is not None:
         raise UserError("--data-spread does not run under --distributed; drop one of them")
 
@@ -172,9 +170,9 @@ def prepare(args) -> Measurement:
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
     make_op = operator_factory(args, ckpt.model)
     if args.distributed:
-        from hessian_tools.distributed import DistributedOperator
+        from hessian_tools.distributed import DistributedBlockOperator, DistributedOperator
 
-        op = DistributedOperator(make_op, batches)
+        op = (DistributedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
         local = op.local
     else:
         op = local = make_op(batches)
