@@ -50,10 +50,13 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if write and not out.parent.is_dir():
         raise UserError(f"--out {out}: the directory {out.parent} does not exist")
-    parts = [p for p, on in (("engine", args.all or not (args.peers or args.scale or args.throughput)),
-                             ("peers", args.all or args.peers), ("scale", args.all or args.scale),
-                             ("train-throughput", args.all or args.throughput)) if on]
-    if args.peers or args.all:
+    some = args.peers or args.scale or args.throughput
+    parts = [p for p, on in (("engine", args.all or not some or args.report), ("peers", args.all or args.peers),
+                             ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput))
+             if on or (args.report and not some)]
+    if args.report:  # every part that has results, unless parts are named
+        parts = [p for p in parts if bench.load(p, results_dir) is not None or some]
+    elif args.peers or args.all:
         from hessian_tools.bench.peers import PACKAGES, require
 
         require(*PACKAGES)  # before any long measurement
