@@ -59,7 +59,8 @@ class DistributedOperator:
         batches = list(batches)
         if len(batches) < self.world_size:
             raise UserError(f"{len(batches)} batches for {self.world_size} ranks: pass at least one batch per rank")
-        self.local = make_op(batches[self.rank::self.world_size])
+        self.mine = list(range(self.rank, len(batches), self.world_size))
+        self.local = make_op([batches[b] for b in self.mine])
         if not hasattr(self.local, "total_weight"):
             raise UserError("the operator from make_op has no total_weight: expose the sum of its batch weights")
         self.shape, self.device, self.dtype = self.local.shape, self.local.device, self.local.dtype
@@ -71,30 +72,30 @@ class DistributedOperator:
 
     @property
     def mode(self) -> str:
-        """The local operator's HVP mode (resolved on its first product when it is "auto")."""
+        """The local operator's HVP mode."""
         return self.local.mode
 
-    def _reduce(self, local: torch.Tensor) -> torch.Tensor:
-        out = (local.to(torch.float64) * self._share).contiguous()
+    def _apply(self, V: torch.Tensor, product) -> torch.Tensor:
+        out = (product(V).to(torch.float64) * self._share).contiguous()
         dist.all_reduce(out, group=self.group)
         return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """(H_union v) as float64, identical on every rank."""
         self.hvp_count += 1
-        return self._reduce(self.local.matvec(v))
+        return self._apply(v, self.local.matvec)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """(H_union V) for V of shape (n, k), float64, identical on every rank."""
         self.hvp_count += V.shape[1]
-        return self._reduce(self.local.matmat(V))
+        return self._apply(V, self.local.matmat)
 
     def settings(self) -> dict:
-        return {**self.local.settings(), "world_size": self.world_size,
-                "backend": dist.get_backend(self.group), "total_weight": self.total_weight}
+        return {**self.local.settings(), "world_size": self.world_size, "backend": dist.get_backend(self.group),
+                "total_weight": self.total_weight, "rank_batches": self.mine}
 
 
-class DistributedBlockOperator:
+class DistributedBlockOperator(DistributedOperator):
     """A block-diagonal operator over `batches` (e.g. ActivationHessian), each rank owning its batches' blocks.
 
     The flat vector concatenates every batch's block in the order of `batches` (as the single-process operator
@@ -106,34 +107,16 @@ class DistributedBlockOperator:
     """
 
     def __init__(self, make_op: Callable[[list], object], batches: Sequence, group=None):
-        if not dist.is_initialized():
-            raise UserError("torch.distributed is not initialised: call hessian_tools.distributed.init_distributed()")
-        self.group = group
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
-        batches = list(batches)
-        if len(batches) < self.world_size:
-            raise UserError(f"{len(batches)} batches for {self.world_size} ranks: pass at least one batch per rank")
-        self.mine = list(range(self.rank, len(batches), self.world_size))
-        self.local = make_op([batches[b] for b in self.mine])
-        sizes = [size for _, size in self.local.space.blocks]
+        super().__init__(make_op, batches, group)
         every: list = [None] * self.world_size
-        dist.all_gather_object(every, list(zip(self.mine, sizes)), group=group)
+        dist.all_gather_object(every, [(b, size) for b, (_, size) in zip(self.mine, self.local.space.blocks)],
+                               group=group)
         size_of = dict(pair for part in every for pair in part)
         offsets = [0]
-        for b in range(len(batches)):
+        for b in range(len(size_of)):
             offsets.append(offsets[-1] + size_of[b])
         self._global = [(offsets[b], size_of[b]) for b in self.mine]
-        n = offsets[-1]
-        self.shape, self.device, self.dtype = (n, n), self.local.device, self.local.dtype
-        weight = torch.tensor([float(self.local.total_weight)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(weight, group=self.group)
-        self.total_weight = float(weight)
-        self._share = float(self.local.total_weight) / self.total_weight
-        self.hvp_count = 0
-
-    @property
-    def mode(self) -> str:
-        return self.local.mode
+        self.shape = (offsets[-1], offsets[-1])
 
     def _apply(self, V: torch.Tensor, product) -> torch.Tensor:
         V = V.to(device=self.device, dtype=torch.float64)
@@ -146,16 +129,5 @@ class DistributedBlockOperator:
         dist.all_reduce(out, group=self.group)
         return out
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """(H v) as float64, identical on every rank."""
-        self.hvp_count += 1
-        return self._apply(v, self.local.matvec)
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """(H V) for V of shape (n, k), float64, identical on every rank."""
-        self.hvp_count += V.shape[1]
-        return self._apply(V, self.local.matmat)
-
     def settings(self) -> dict:
-        return {**self.local.settings(), "world_size": self.world_size, "backend": dist.get_backend(self.group),
-                "total_weight": self.total_weight, "rank_batches": self.mine, "n": self.shape[0]}
+        return {**super().settings(), "n": self.shape[0], "local_n": self.local.shape[0]}
