@@ -51,7 +51,7 @@ def run(args) -> int:
     if write and not out.parent.is_dir():
         raise UserError(f"--out {out}: the directory {out.parent} does not exist")
     some = args.peers or args.scale or args.throughput
-    parts = [p for p, on in (("engine", args.all or not some or args.report), ("peers", args.all or args.peers),
+    parts = [p for p, on in (("engine", args.all or not some), ("peers", args.all or args.peers),
                              ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput))
              if on or (args.report and not some)]
     if args.report:  # every part that has results, unless parts are named
