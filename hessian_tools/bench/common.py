@@ -17,7 +17,7 @@ from torch import nn
 
 ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 SHAPES = {  # vocab 103 = the embedded corpus's characters
-    "full": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, batch=16, vocab=103, repeats=3),
+    "full": dict(dim=128, n_layers=4, n_heads=4, seq_len=128, batch=16, vocab=103, repeats=5),
     "quick": dict(dim=16, n_layers=1, n_heads=2, seq_len=8, batch=2, vocab=103, repeats=1),
 }
 DESCRIBED = ("dim", "n_layers", "n_heads", "seq_len", "batch", "vocab")
