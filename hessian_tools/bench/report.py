@@ -186,9 +186,12 @@ def scale(result: dict) -> str:
         lines.append(f"| {mode} | {_s(m['first_s'])} | {_s(m['kept_s'])} | {m['kept_ratio']:.2f} | {_s(m['fresh_s'])} | "
                      f"{m['fresh_ratio']:.2f} | {_mb(m['peak_bytes'])} | {_mb(m['kept_graph_bytes'])} |")
     best = min(m["kept_ratio"] for m in s["modes"].values())
-    lines += ["", f"lambda_max = {lam['value']:.6g} +- {lam['error']:.2g} ({lam['error_kind']}, converged "
-              f"{lam['converged']}) in {lam['hvps']} HVPs, {_s(lam['seconds'])}.", "",
-              _goal("HVP <= 3 gradients", best <= 3, f"best mode {best:.2f}")]
+    if "skipped" in lam:
+        lines += ["", f"lambda_max: not measured: {lam['skipped']}."]
+    else:
+        lines += ["", f"lambda_max = {lam['value']:.6g} +- {lam['error']:.2g} ({lam['error_kind']}, converged "
+                  f"{lam['converged']}) in {lam['hvps']} HVPs, {_s(lam['seconds'])}."]
+    lines += ["", _goal("HVP <= 3 gradients", best <= 3, f"best mode {best:.2f}")]
     return "\n".join(lines)
 
 

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hessian_tools.bench.common import best_times, gradient_fn, timed
+from hessian_tools.estimators.krylov import BLOCK
 
 GPT2_SMALL = dict(arch="gpt2", vocab_size=50304, dim=768, n_layers=12, n_heads=12, seq_len=256)
 TOKENS = (4, 256)  # batch x sequence length
@@ -44,6 +47,12 @@ def run(quick: bool = False, say=print) -> dict:
                               "fresh_peak_bytes": fresh.memory()["measured_peak_bytes"]}
         del kept, fresh
     out["n_params"] = int(v.numel())
+    basis = 8 * out["n_params"] * BLOCK  # Lanczos' float64 basis grows in blocks of BLOCK vectors
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if basis > memory / 2:
+        out["lambda_max"] = {"skipped": f"one block of the float64 Krylov basis ({BLOCK} vectors, {basis / 2**30:.1f} "
+                                        f"GiB) exceeds half of this machine's {memory / 2**30:.0f} GiB"}
+        return out
     say("scale: lambda_max")
     est, seconds = timed(lambda: lanczos(ParamHessian(model, [batch], dtype=torch.float32), tol=ACCURACY))
     out["lambda_max"] = {"value": est.value, "error": est.error, "converged": est.converged, "hvps": est.hvp_count,
