@@ -189,7 +189,7 @@ class ListOf(Spec):
     def check(self, value, path):
         if not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length):
             self.fail(value, path)
-        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return type(value)(self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
 class MapOf(Spec):

@@ -13,6 +13,7 @@ overrides (models.checkpoint.state_dict); its measurement tokens from models.tok
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,8 @@ from typing import Callable
 from torch import nn
 
 from hessian_tools.errors import UserError
+from hessian_tools.paths import input_dir, input_file, is_directory
+from hessian_tools.schema import check
 from models import data as data_mod
 from models.checkpoint.dcp import is_dcp, read_dcp, step_dirs
 from models.checkpoint.files import read_safetensors, read_torch
@@ -30,6 +33,7 @@ from models.checkpoint.state_dict import check_state, clean, complete_tied_head,
 from models.config import GPTConfig
 from models.gpt import build_model
 from models.job_config import read_job_config
+from models.schemas import ADAM_SETTINGS, plain
 from models.tokens import (TOKEN_FLAG, TOKENIZER_FLAG, TokenOptions, TokenStream, char_stream, token_file_stream,
                            tokenizer_stream)
 
@@ -89,7 +93,8 @@ class Checkpoint:
         settings = self.adam_reader() if self.adam_reader is not None else None
         if not settings:
             raise UserError(f"{self.path}: records no optimizer settings (lr, betas, eps)")
-        return settings
+        return {name: check(plain(s), ADAM_SETTINGS, str(self.path), f"optimizer settings of {name}")
+                for name, s in settings.items()}
 
     def peak_lr(self) -> float | None:
         """The schedule's peak learning rate, where the source records it (a toolkit run's train config, a
@@ -159,14 +164,17 @@ class Checkpoint:
 
 
 def _resolve(path: Path) -> Path:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UserError(f"{path}: no such checkpoint file or directory")
-    if path.is_dir() and not (is_native(path) or is_dcp(path) or is_hf(path)):
+    if not is_directory(path):
+        return input_file(path, "checkpoint file")  # a FIFO or device is refused before it is opened
+    input_dir(path, "checkpoint directory")
+    if not (is_native(path) or is_dcp(path) or is_hf(path)):
         found = list_checkpoints(path) or step_dirs(path)
         if not found:
             raise UserError(f"{path}: holds no checkpoint (no ckpt_NNNNNNN/ with a meta.json, no DCP .metadata or "
                             "step-N/ directory, no Hugging Face config.json)")
-        return found[-1]
+        return input_dir(found[-1], "checkpoint directory")
     return path
 
 

@@ -22,10 +22,12 @@ from torch import nn
 from hessian_tools import __version__
 from hessian_tools.cli.common import flag_for
 from hessian_tools.errors import UserError
-from models.checkpoint.files import first_line, read_safetensors
+from hessian_tools.paths import is_directory, is_regular
+from models.checkpoint.files import read_safetensors
 from models.config import GPTConfig
+from models.schemas import TOOLKIT_FORMAT as FORMAT
+from models.schemas import read_meta
 
-FORMAT = "hessian-tools-checkpoint"
 CKPT_RE = re.compile(r"^ckpt_(\d{7})$")
 # Settings a toolkit checkpoint may be loaded with differently from how it was trained.
 FREE_OVERRIDES = ("norm_backend", "dropout")
@@ -86,26 +88,21 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, optimizer, meta: dict)
 def list_checkpoints(run_dir) -> list[Path]:
     """The complete checkpoints of a run directory, sorted by step."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not is_directory(run_dir):
         return []
-    found = [p for p in run_dir.iterdir() if CKPT_RE.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in run_dir.iterdir() if CKPT_RE.match(p.name) and is_regular(p / "meta.json")]
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
 def is_native(path: Path) -> bool:
-    return path.is_dir() and (path / "meta.json").is_file()
+    return is_directory(path) and is_regular(path / "meta.json")
 
 
 def read_native(path: Path, overrides: dict):
     """(config, state dict, meta, step) of a toolkit checkpoint directory. overrides may change only
     FREE_OVERRIDES; any other must agree with the recorded config."""
-    meta_file = path / "meta.json"
-    try:
-        meta = json.loads(meta_file.read_text())
-        settings = dict(meta["model_config"])
-        step = int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{meta_file}: not a valid checkpoint record ({first_line(exc)})") from None
+    meta = read_meta(path / "meta.json")
+    settings, step = dict(meta["model_config"]), meta["step"]
     for key, value in overrides.items():
         if key not in FREE_OVERRIDES and key in settings and settings[key] != value:
             raise UserError(f"{path}: the checkpoint records {key}={settings[key]!r}; "
@@ -113,7 +110,7 @@ def read_native(path: Path, overrides: dict):
         settings[key] = value
     config = GPTConfig.from_dict(settings)
     model_file = path / "model.safetensors"
-    if not model_file.is_file():
+    if not os.path.lexists(model_file):
         raise UserError(f"{path}: missing model.safetensors")
     return config, read_safetensors(model_file), meta, step
 
@@ -121,7 +118,7 @@ def read_native(path: Path, overrides: dict):
 def read_optimizer_state(path: Path) -> dict | None:
     """{param name: {"exp_avg", "exp_avg_sq", "step"}} from optimizer.safetensors, or None without one."""
     file = path / "optimizer.safetensors"
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None
     state: dict = {}
     for key, value in read_safetensors(file).items():
