@@ -12,6 +12,7 @@ Every failure is a UserError of one line naming the path and the cause (`os_erro
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -98,21 +99,40 @@ def output_dir(path, flag: str) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{flag} {path}: is a file, not a directory") from None
+    except (FileExistsError, NotADirectoryError):
+        raise _missing_dir(path, flag) from None
     except OSError as exc:
         raise os_error(exc, path, f"create the {flag} directory") from None
-    _probe(path / f".write-probe-{os.getpid()}", flag)
+    _probe(_temporary(path / "probe"), flag)
     return path
 
 
+def _temporary(path: Path) -> Path:
+    """A short hidden name beside `path` for a file written and renamed (or removed) by this process."""
+    return path.with_name(f".tmp-{os.getpid()}-{hashlib.sha1(path.name.encode()).hexdigest()[:8]}")
+
+
+def _missing_dir(path: Path, flag: str) -> UserError:
+    """Why directory `path` is not there: a file in the way (itself or an ancestor), or it does not exist."""
+    for ancestor in (path, *path.parents):
+        if os.path.lexists(ancestor):
+            if not is_directory(ancestor):
+                return UserError(f"{flag} {path}: {ancestor} is a file, not a directory")
+            break
+    return UserError(f"{flag} {path}: the directory {path} does not exist")
+
+
 def output_file(path, flag: str) -> Path:
-    """Check that file `path` can be written (its directory is made if missing); an existing file is untouched."""
+    """Check, before any work, that file `path` can be written in its existing directory; nothing is changed."""
     path = Path(path)
     if is_directory(path):
         raise UserError(f"{flag} {path}: is a directory; name a file")
-    output_dir(path.parent, flag)
-    if path.exists():
+    if not is_directory(path.parent):
+        raise _missing_dir(path.parent, flag)
+    _probe(_temporary(path), flag)  # what write_atomic will create
+    if os.path.lexists(path):
+        if not is_regular(path):
+            raise UserError(f"{flag} {path}: is not a regular file (a FIFO, device or broken link?); name a file")
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
@@ -155,7 +175,7 @@ def write_atomic(path, data: bytes | str, flag: str = "output"):
     temporary is removed, any earlier file at `path` is as it was, and a one-line UserError is raised."""
     path = Path(path)
     data = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

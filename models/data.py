@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hessian_tools.errors import UserError
+from hessian_tools.footprint import batch_bytes, require_memory
 from hessian_tools.paths import input_file, os_error
 from hessian_tools.schema import MAX_SEED, Float, Int, Nullable, Str, check_fields
 
@@ -166,9 +167,12 @@ def training_batch(splits: Splits, spec: DataSpec, step: int, batch_size: int, s
 def fixed_windows(tokens, n_batches: int, batch_size: int, seq_len: int, seed: int, what: str, name: str) -> list:
     """n_batches batches [(idx, targets)] of int64 (batch_size, seq_len) windows of the 1-D token stream `tokens`
     (torch tensor or numpy array), their starts uniform and fixed by `seed`."""
-    if n_batches < 1 or batch_size < 1 or seq_len < 1:
-        raise UserError(f"need positive batch counts and sizes, got {n_batches} x {batch_size} x {seq_len}")
+    for field, value in (("n_batches", n_batches), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{field} must be a positive integer, got {value!r}")
     check_length(tokens, seq_len, what, name)
+    require_memory({"batches": batch_bytes(n_batches, batch_size, seq_len)},
+                   f"{n_batches} batches of {batch_size} x {seq_len} tokens")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len, (n_batches, batch_size), generator=gen)
     return [_windows(tokens, row, seq_len) for row in starts]

@@ -7,6 +7,8 @@ result goes to RESULTS/{part}.json and its BENCHMARKS.md section is written from
 the sections from the committed results without measuring. --quick: tiny shapes, nothing written (for tests).
 """
 
+from hessian_tools.cli.common import positive_int
+
 DEFAULT_OUT = "BENCHMARKS.md"
 
 
@@ -25,7 +27,7 @@ def add_parser(subparsers, name):
     p.add_argument("--no-write", action="store_true", help="write neither results nor BENCHMARKS.md")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="FILE", help=f"markdown file (default {DEFAULT_OUT})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(run=run)
 
 
@@ -45,8 +47,6 @@ def run(args) -> int:
     results_dir = Path(args.results) if args.results else bench.RESULTS_DIR
     write = not (args.no_write or args.quick)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     if write and not out.parent.is_dir():
         raise UserError(f"--out {out}: the directory {out.parent} does not exist")

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from hessian_tools.errors import UserError
+from hessian_tools.footprint import model_bytes, require_memory
 from hessian_tools.paths import input_dir, input_file, is_directory
 from hessian_tools.schema import check
 from models import data as data_mod
@@ -231,8 +233,12 @@ def open_model(source, *, tokens=None, tokenizer=None, data=None, job_config=Non
         if job is not None:
             settings_from.update(job_config=job.provenance(), training_seq_len=job.training_seq_len)
             hint = f" (the job config {job.path} says {job.model_name} {job.flavor}: is it this run's?)"
+    require_memory({"parameters": model_bytes(config)}, f"{path}: the model ({config.n_layers} layers, dim "
+                   f"{config.dim}, vocab {config.vocab_size})", device)
+    with torch.device("meta"):  # keys, shapes and dtypes checked before the model is allocated
+        skeleton = build_model(config)
+    check_state(state, skeleton, file, hint)
     model = build_model(config)
-    check_state(state, model, file, hint)
     model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(model, config, step, path, run_dir, meta, options, settings_from, opt_reader, adam_reader)
