@@ -1,6 +1,7 @@
 """Typed, validated configuration of the GPT family; recorded verbatim in every checkpoint."""
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ class GPTConfig:
         if self.norm_backend not in NORM_BACKENDS:
             raise UserError(f"unknown norm backend {self.norm_backend!r}; choose one of {', '.join(NORM_BACKENDS)}")
         check_fields(self, FIELDS)  # types and ranges: "32", None, NaN, negative widths, rope_theta 0, ...
+        if self.norm_backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise UserError("norm_backend 'triton' needs the triton package: pip install 'hessian-tools[triton]' "
+                            "(or use --norm-backend torch)")
         if self.dim % self.n_heads:
             raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_kv_heads == 0:

@@ -42,14 +42,17 @@ def run(args) -> int:
     from hessian_tools.bench.report import SECTIONS, markdown
     from hessian_tools.benchmarks_md import write_section
     from hessian_tools.errors import UserError
+    from hessian_tools.paths import output_dir, output_file
 
     out = Path(args.out)
     results_dir = Path(args.results) if args.results else bench.RESULTS_DIR
     write = not (args.no_write or args.quick)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if write and not out.parent.is_dir():
-        raise UserError(f"--out {out}: the directory {out.parent} does not exist")
+    if write:  # before measuring for an hour
+        output_file(out, "--out")
+        if not args.report:
+            output_dir(results_dir, "--results")
     some = args.peers or args.scale or args.throughput
     parts = [p for p, on in (("engine", args.all or not some), ("peers", args.all or args.peers),
                              ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput))
@@ -75,9 +78,13 @@ def run(args) -> int:
             result = bench.run_part(part, quick=args.quick, runs_root=args.runs, with_peers=True, say=say)
         results[part] = result
         if write:
-            if not args.report:
-                say(f"wrote {bench.save(result, results_dir)}")
-            write_section(out, SECTIONS[part], markdown(result))
+            try:
+                if not args.report:
+                    say(f"wrote {bench.save(result, results_dir)}")
+                write_section(out, SECTIONS[part], markdown(result))
+            except UserError as exc:  # the measurements are not lost: they go to stdout
+                print(json.dumps(results, allow_nan=False))
+                raise UserError(f"{exc}; the results measured so far were printed on stdout") from None
             say(f"wrote the {SECTIONS[part]} section of {out}")
     if args.json:
         print(json.dumps(results, allow_nan=False))

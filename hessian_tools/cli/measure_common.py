@@ -281,10 +281,17 @@ def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
         op = local = make_op(batches)
     guard = self_check(local.op if isinstance(local, ScaledOperator) else local, seed=args.seed)
     m = Measurement(args, ckpt, batches, op, local, rank, guard)
-    m.say(f"self-check ({guard['dtype']}, mode {guard['mode']}): finite, asymmetry {guard['symmetry_rel']:.1e} "
-          f"(tol {guard['tolerances']['symmetry']:.0e}), differences {guard['difference_rel']:.1e} "
-          f"(tol {guard['tolerances']['difference']:.0e}): ok")
+    m.say(guard_line(guard))
     return m
+
+
+def guard_line(guard: dict) -> str:
+    """The self-check's report in one line (with the gradient's noise floor and the step, when it adapted)."""
+    floor = "" if guard["noise_floor_rel"] is None else \
+        f" at step {guard['difference_step']:.0e} (the gradient's noise floor is {guard['noise_floor_rel']:.0e})"
+    return (f"self-check ({guard['dtype']}, mode {guard['mode']}): finite, asymmetry {guard['symmetry_rel']:.1e} "
+            f"(tol {guard['tolerances']['symmetry']:.0e}), differences {guard['difference_rel']:.1e} "
+            f"(tol {guard['tolerances']['difference']:.0e}){floor}: ok")
 
 
 def error_meaning(record) -> str:

@@ -44,6 +44,7 @@ def run(args) -> int:
     import torch
 
     from hessian_tools.cli.common import open_from_args
+    from hessian_tools.cli.measure_common import guard_line
     from hessian_tools.errors import UserError
     from hessian_tools.operators import ParamHessian, self_check
     from theory.verify import Settings, verify_bound
@@ -53,8 +54,7 @@ def run(args) -> int:
     ckpt = open_from_args(args)
     batches = ckpt.measurement_batches(args.batches, args.batch_size, seed=args.seed)
     guard = self_check(ParamHessian(ckpt.model, batches[:1], dtype=torch.float64), seed=args.seed)
-    print(f"self-check passed: asymmetry {guard['symmetry_rel']:.1e}, differences {guard['difference_rel']:.1e}",
-          file=sys.stderr)
+    print(guard_line(guard), file=sys.stderr)
     settings = Settings(tol=args.tol, scale=args.scale, seed=args.seed)
     progress = None if args.json else (lambda name: print(f"measuring {name} ...", file=sys.stderr))
     rows = verify_bound(ckpt.model, batches, args.layers, settings, progress)
