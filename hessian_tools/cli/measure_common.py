@@ -223,28 +223,30 @@ def _check_flags(args):
                         "be equal")
 
 
-def check_memory(args, ckpt, batches, basis_vectors):
+def check_memory(args, ckpt, basis_vectors):
     """UserError (hessian_tools.footprint) when the model copy, the kept graphs and the estimator's float64
-    vectors (`basis_vectors(n)` of them, n = the operator's size) cannot fit in the available memory."""
+    vectors (`basis_vectors(n)` of them, n = the operator's size) cannot fit in the available memory; checked
+    before the batches are drawn."""
     import re
 
     from hessian_tools.footprint import graph_bytes, krylov_bytes, model_bytes, require_memory
 
-    config, rows, seq_len = ckpt.config, int(batches[0][0].shape[0]), int(batches[0][0].shape[-1])
+    config, n_batches = ckpt.config, args.batches
+    rows, seq_len = args.batch_size, ckpt.measurement_seq_len(args.measure_seq_len)
     width = 8 if args.dtype == "float64" else 4
     if args.space == "activation":
-        n = len(batches) * rows * seq_len * config.dim
+        n = n_batches * rows * seq_len * config.dim
     else:
         try:
             chosen = re.compile(args.params or "")
         except re.error:
             chosen = re.compile("")  # the operator names the bad regex
         n = sum(p.numel() for name, p in ckpt.model.named_parameters() if chosen.search(name))
-    graphs = len(batches) * graph_bytes(config, rows, seq_len, width)
+    graphs = n_batches * graph_bytes(config, rows, seq_len, width)
     parts = {"model copy": model_bytes(config, width),
              "kept graphs": graphs if args.memory_budget is None else min(graphs, args.memory_budget),
              "float64 vectors": krylov_bytes(n, basis_vectors(n))}
-    require_memory(parts, f"{args.command} on {len(batches)} batches of {rows} x {seq_len} tokens (operator size "
+    require_memory(parts, f"{args.command} on {n_batches} batches of {rows} x {seq_len} tokens (operator size "
                    f"{n:,})", next(ckpt.model.parameters()).device)
 
 
@@ -269,8 +271,8 @@ def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
         args.site = role_site(ckpt.model, args.role, args.layer)
     if args.space == "activation" and not args.site:
         raise UserError(f"--space activation needs --site NAME; valid sites: {', '.join(list_sites(ckpt.model))}")
+    check_memory(args, ckpt, basis_vectors)
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
-    check_memory(args, ckpt, batches, basis_vectors)
     make_op = operator_factory(args, ckpt)
     if args.distributed:
         from hessian_tools.distributed import DistributedBlockOperator, DistributedOperator

@@ -158,11 +158,16 @@ class Checkpoint:
         arguments. seq_len defaults to the training length a job config gives, else the model's context."""
         stream = self.token_stream
         stream.check_vocab(self.config.vocab_size, str(self.path))
+        return stream.batches(n_batches, batch_size, self.measurement_seq_len(seq_len), seed)
+
+    def measurement_seq_len(self, seq_len: int | None = None) -> int:
+        """The length of measurement windows: seq_len, else the training length a job config gives, else the
+        model's context; UserError beyond the context."""
         default = min(self.settings_from.get("training_seq_len") or self.config.seq_len, self.config.seq_len)
         seq_len = default if seq_len is None else seq_len
         if seq_len > self.config.seq_len:
             raise UserError(f"seq_len {seq_len} exceeds the model's context length {self.config.seq_len}")
-        return stream.batches(n_batches, batch_size, seq_len, seed)
+        return seq_len
 
 
 def _resolve(path: Path) -> Path:
