@@ -131,9 +131,10 @@ class SharpnessTracker:
                "lanczos_steps": 0, "wall_time_s": wall_time_s, "lr": lr, "threshold": threshold,
                "threshold_rule": rule, "status": status or "ok", "settings": settings}
         if est is not None:
-            p = est.payload
-            out.update(value=est.value, error=est.error, error_kind=est.error_kind, interval=p.get("interval"),
-                       failure_probability=p.get("failure_probability"), converged=est.converged,
-                       hvp_count=est.hvp_count, lanczos_steps=p.get("steps", 0), wall_time_s=est.wall_time_s,
-                       status=est.status)
+            d = est.to_dict()  # JSON-safe: a non-finite bound becomes null
+            p = d["payload"]
+            out.update(value=d["value"], error=d["error"], error_kind=d["error_kind"], interval=p.get("interval"),
+                       failure_probability=p.get("failure_probability"), converged=d["converged"],
+                       hvp_count=d["hvp_count"], lanczos_steps=p.get("steps", 0), wall_time_s=d["wall_time_s"],
+                       status=d["status"])
         return out
