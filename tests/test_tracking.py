@@ -17,7 +17,7 @@ from models.checkpoint import list_checkpoints, load_checkpoint
 from models.train import TrainConfig, make_optimizer, read_metrics, train
 
 TINY = dict(dim=16, n_layers=1, n_heads=2, seq_len=8, batch_size=4, warmup=2, norm_backend="torch", device="cpu")
-TRACK = dict(track_every=4, track_batch_size=2, track_hvps=8)
+TRACK = dict(track_every=4, track_batch_size=2, track_hvps=12)
 TIMING = ("tokens_per_s", "wall_time_s")
 
 
