@@ -88,6 +88,8 @@ def test_a_signalled_train_process_resumes_to_the_uninterrupted_records(sig, aft
         proc.kill()
     stopped_at = last_loss_step(out)
     assert stopped_at < CFG.steps  # it was stopped mid-run
+    if after < CFG.save_every:
+        assert not list_checkpoints(out)  # ... before its first checkpoint
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     else:
