@@ -186,3 +186,16 @@ def test_committed_results_and_benchmarks_md_agree():
         section = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
         assert section == report.markdown(result).strip("\n"), f"BENCHMARKS.md disagrees with {path.name}"
 
+
+
+def test_tracking_part_at_a_tiny_shape():
+    """Overheads in the section are the medians' ratios; the errors are the tracked values' against Lanczos."""
+    result = bench.run_part("tracking", quick=True, say=lambda line: None)
+    base = result["wall_s"]["untracked"][0]
+    text = report.markdown(result)
+    for name, q in result["tracked"].items():
+        assert f"| {name} | {result['wall_s'][name][0]:.1f} s | {result['wall_s'][name][0] / base - 1:+.0%} |" in text
+        for m in q["measures"].values():
+            assert m["error_last"] == abs(m["value_last"] - m["converged"]) / m["converged"]
+            assert m["error_last"] < 0.5  # a tracked value within a factor 2 of the converged one
+        assert q["measurements"] == 3  # steps 0, 5 and the last (10)

@@ -5,7 +5,8 @@ by `report.py`, so the text can always be checked against the committed results)
 - "engine": HVP cost per mode and variant against the gradient, flops and memory (`hvp_cost.py`);
 - "peers": ours against PyHessian, hessian-eigenthings and curvlinops + eigsh on the demo's trained checkpoints
   and at init, a warm-started 4-checkpoint sweep, traces at matched standard error (`accuracy.py`, `peers.py`);
-- "scale": the GPT-2-small shape at 4 x 256 tokens (`scale.py`).
+- "scale": the GPT-2-small shape at 4 x 256 tokens (`scale.py`);
+- "tracking": sharpness tracking's cost in a training run, side by side with untracked runs (`tracking_cost.py`).
 Every result records the machine and its load average at the start and the end.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from hessian_tools.bench.common import ARCHS, DESCRIBED, SHAPES, machine
 
-PARTS = ("engine", "peers", "scale")
+PARTS = ("engine", "peers", "scale", "tracking")
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -35,6 +36,10 @@ def run_part(part: str, quick: bool = False, runs_root=None, with_peers: bool = 
         from hessian_tools.bench import scale
 
         result["scale"] = scale.run(quick, say)
+    elif part == "tracking":
+        from hessian_tools.bench import tracking_cost
+
+        result.update(tracking_cost.run(quick, say=say))
     else:
         raise ValueError(part)
     result["machine_end"] = machine()

@@ -176,17 +176,11 @@ def model_rows(model, batch, with_peers: bool) -> dict:
 
 def warm_sweep(models: list, batch, with_peers: bool) -> dict:
     """lambda_max at each of `models` (one run's checkpoints in order): ours warm and cold, the fastest peer cold."""
-    from hessian_tools.sweep import WARM_START_NOISE
-
     rows, v0 = [], None
     for model in models:
         ref = reference(model, batch)
         cold, _ = ours(model, batch, "largest")
-        start = None
-        if v0 is not None:
-            noise = torch.randn(v0.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            start = v0 / v0.norm() + WARM_START_NOISE * noise / noise.norm()
-        warm, vectors = ours(model, batch, "largest", v0=start)
+        warm, vectors = ours(model, batch, "largest", v0=v0)  # lanczos mixes seeded noise into v0 itself
         v0 = vectors[:, 0].cpu()
         row = {"reference": ref["lambda_max"], "warm": warm, "cold": cold,
                "warm_rel_error": relative(warm["value"], ref["lambda_max"])}

@@ -6,8 +6,10 @@ stated as met, or missed by how much; the reasons a goal is missed are derived i
 
 from __future__ import annotations
 
+import statistics
+
 SECTIONS = {"engine": "engine-bench", "peers": "peers-bench", "scale": "scale-bench",
-            "train-throughput": "train-throughput"}
+            "train-throughput": "train-throughput", "tracking": "sharpness-tracking"}
 
 
 def _s(x) -> str:
@@ -31,7 +33,8 @@ def _goal(name: str, met: bool, detail: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    return {"engine": engine, "peers": peers, "scale": scale, "train-throughput": train_throughput}[result["part"]](
+    return {"engine": engine, "peers": peers, "scale": scale, "train-throughput": train_throughput,
+            "tracking": tracking}[result["part"]](
         result)
 
 
@@ -249,4 +252,39 @@ def train_throughput(result: dict) -> str:
         lines += ["", f"Demo-sized run (simplegpt, dim {demo['dim']}, {demo['n_layers']} layers, seq {demo['seq_len']}, "
                   f"batch {demo['batch_size']}, {demo['steps']} steps, one checkpoint): {demo['seconds']:.1f} s wall, "
                   f"{demo['cpu_seconds']:.1f} CPU-seconds, final training loss {demo['loss']:.3f}."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+
+
+def tracking(result: dict) -> str:
+    sh, every = result["shape"], result["every"]
+    base = statistics.median(result["wall_s"]["untracked"])
+    lines = ["## Sharpness tracking during training", "",
+             f"{_where(result, 'hessian-tools bench --tracking')}. {result['arch']}, dim {sh['dim']}, "
+             f"{sh['n_layers']} layers, seq {sh['seq_len']}, batch {sh['batch_size']}, {sh['steps']} AdamW steps; "
+             f"`--track-sharpness {every}` measures lambda_max(H) and lambda_max(P^-1 H) (step 0 has no P). The runs "
+             f"take turns, {result['rounds']} rounds; median wall times (`hessian_tools/bench/tracking_cost.py`). "
+             f"Goal: at most +{result['goal']:.0%} at EVERY = 25. Steps: mean Lanczos steps per eigenvalue; width: "
+             "median of (hi - lo) / value of the reported intervals (lower side certified, upper side failing with "
+             "probability 1e-3; float32 intervals rest on the measured rounding, 4 more products each); error: the "
+             "last step's value against float64 Lanczos to 1e-8 on the final checkpoint and the same batches.",
+             "", f"Untracked: {base:.1f} s.", "",
+             "| tracking settings | wall time | overhead | goal | HVPs / measurement | lambda_max(H): steps, width, "
+             "error | lambda_max(P^-1 H): steps, width, error |", "|---|---:|---:|---|---:|---|---|"]
+    for name, q in result["tracked"].items():
+        t = statistics.median(result["wall_s"][name])
+        cells = []
+        for measure in ("params.lambda_max", "adam.sharpness"):
+            m = q["measures"][measure]
+            width = "unbounded" if m["width"] is None else f"{m['width']:.2g}"
+            cells.append(f"{m['steps']:.1f}, {width}, {m['error_last']:.1e}")
+        over = t / base - 1
+        lines.append(f"| {name} | {t:.1f} s | {over:+.0%} | {'met' if over <= result['goal'] else 'missed'} | "
+                     f"{q['hvps_per_measurement']:.1f} | {cells[0]} | {cells[1]} |")
+    lines += ["", "The warm start makes the estimate accurate within a few steps (error column), not the guarantee: the "
+              "upper side rests on the Gaussian part of the start alone (a stale vector must not hide a new top "
+              "direction), so the width shrinks with the number of steps, as from a cold start "
+              "(hessian_tools/estimators/guarantees.py)."]
     return "\n".join(lines)

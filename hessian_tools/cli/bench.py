@@ -2,7 +2,7 @@
 
 Parts: the HVP cost (default), --peers (against PyHessian, hessian-eigenthings, curvlinops + eigsh on the demo's
 trained checkpoints: the peers must be installed, `bash benchmarks/install_peers.sh`), --scale (GPT-2-small
-shape, slow), --throughput (training throughput), --all (every part: regenerates BENCHMARKS.md). Each part's
+shape, slow), --throughput (training throughput), --tracking (sharpness tracking's cost in training), --all (every part: regenerates BENCHMARKS.md). Each part's
 result goes to RESULTS/{part}.json and its BENCHMARKS.md section is written from that file; --report rewrites
 the sections from the committed results without measuring. --quick: tiny shapes, nothing written (for tests).
 """
@@ -18,6 +18,7 @@ def add_parser(subparsers, name):
     p.add_argument("--peers", action="store_true", help="ours against the peers on the demo's checkpoints")
     p.add_argument("--scale", action="store_true", help="the GPT-2-small shape at 4 x 256 tokens (slow)")
     p.add_argument("--throughput", action="store_true", help="training throughput of every variant")
+    p.add_argument("--tracking", action="store_true", help="what --track-sharpness 25 adds to a demo-sized run")
     p.add_argument("--all", action="store_true", help="every part (about an hour on 2 idle cores)")
     p.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md from the results files")
     p.add_argument("--quick", action="store_true", help="tiny shapes; writes nothing")
@@ -53,9 +54,10 @@ def run(args) -> int:
         output_file(out, "--out")
         if not args.report:
             output_dir(results_dir, "--results")
-    some = args.peers or args.scale or args.throughput
+    some = args.peers or args.scale or args.throughput or args.tracking
     parts = [p for p, on in (("engine", args.all or not some), ("peers", args.all or args.peers),
-                             ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput))
+                             ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput),
+                             ("tracking", args.all or args.tracking))
              if on or (args.report and not some)]
     if args.report:  # every part that has results, unless parts are named
         parts = [p for p in parts if bench.load(p, results_dir) is not None or some]
