@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -32,11 +33,21 @@ HINTS = {
     errno.ENOENT: "no such file or directory",
     errno.EIO: "input/output error",
 }
+TEMPORARY_PREFIX = ".tmp-"  # of the files output_file / output_dir probe with and write_atomic renames
 
 
-def os_error(exc: OSError, path, doing: str) -> UserError:
-    """A one-line UserError: `{path}: cannot {doing}: {cause}`."""
-    cause = HINTS.get(exc.errno) or exc.strerror or type(exc).__name__
+def error_number(exc: Exception) -> int | None:
+    """The errno of an OSError, or of a library error that reports one as "(os error N)" (safetensors)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def os_error(exc: Exception, path, doing: str) -> UserError:
+    """A one-line UserError: `{path}: cannot {doing}: {cause}` (exc: an OSError or a library's I/O error)."""
+    cause = HINTS.get(error_number(exc)) or getattr(exc, "strerror", None) or str(exc).splitlines()[0] \
+        or type(exc).__name__
     return UserError(f"{path}: cannot {doing}: {cause}")
 
 
@@ -109,7 +120,7 @@ def output_dir(path, flag: str) -> Path:
 
 def _temporary(path: Path) -> Path:
     """A short hidden name beside `path` for a file written and renamed (or removed) by this process."""
-    return path.with_name(f".tmp-{os.getpid()}-{hashlib.sha1(path.name.encode()).hexdigest()[:8]}")
+    return path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{hashlib.sha1(path.name.encode()).hexdigest()[:8]}")
 
 
 def _missing_dir(path: Path, flag: str) -> UserError:

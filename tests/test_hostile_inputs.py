@@ -501,3 +501,207 @@ def test_device_and_count_types():
     with pytest.raises(argparse.ArgumentTypeError, match="must be a positive integer, got -1"):
         positive_int("-1")  # --jobs -1
     assert nonneg_int("0") == 0
+
+
+# ------------------------------------------------------------------------------ train, lr-sweep, demo, figures, bench
+
+TINY = ["--dim", "8", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch-size", "2", "--steps", "2",
+        "--device", "cpu"]
+COMMANDS = {  # command -> (argv before the case's flags, with {tmp}) ; every case fails before any work
+    "train": ["train", "--out", "{tmp}/run", *TINY, "--quiet"],
+    "lr-sweep": ["lr-sweep", "--arch", "gpt2", "--lrs", "1e-3", "--out", "{tmp}/sweep", *TINY],
+    "demo": ["demo", "--scale", "tiny", "--out", "{tmp}/demo"],
+    "figures": ["figures", "--scale", "tiny", "--runs", "{tmp}/runs", "--out", "{tmp}/figs"],
+    "bench": ["bench", "--out", "{tmp}/B.md", "--results", "{tmp}/results"],
+}
+TRAINING_FLAGS = {  # class 6, for train and lr-sweep alike
+    "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    "lr inf": (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    "lr 0": (["--lr", "0"], "--lr must be a positive finite number, got 0"),
+    "grad clip nan": (["--grad-clip", "nan"], "--grad-clip must be a non-negative finite number, got nan"),
+    "grad clip inf": (["--grad-clip", "inf"], "--grad-clip must be a non-negative finite number, got inf"),
+    "weight decay -1": (["--weight-decay", "-1"], "--weight-decay must be a non-negative finite number, got -1"),
+    "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a non-negative finite number, got inf"),
+    "norm eps nan": (["--norm-eps", "nan"], "--norm-eps must be a non-negative finite number, got nan"),
+    "rope theta inf": (["--rope-theta", "inf"], "--rope-theta must be a positive finite number, got inf"),
+    "rope theta 0": (["--rope-theta", "0"], "--rope-theta must be a positive finite number, got 0"),
+    "seed 1e20": (["--seed", "1e20"], "--seed must be an integer in [0, 9223372036854775807], got 1e20"),
+    "seed 10^20": (["--seed", str(10**20)], "--seed must be an integer in [0, 9223372036854775807]"),
+    "device meta": (["--device", "meta"], "--device must be cpu, cuda, cuda:N or auto, got meta (meta tensors"),
+    "device mps": (["--device", "mps"], "--device must be cpu, cuda, cuda:N or auto, got mps (the Apple GPU"),
+    "steps 0": (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    "batch size 1.5": (["--batch-size", "1.5"], "--batch-size must be a positive integer, got 1.5"),
+    "warmup -1": (["--warmup", "-1"], "--warmup must be a non-negative integer, got -1"),
+    "save every -1": (["--save-every", "-1"], "--save-every must be a non-negative integer, got -1"),
+    "train subset -1": (["--train-subset", "-1"], "--train-subset must be a non-negative integer, got -1"),
+    "track sharpness -1": (["--track-sharpness", "-1"], "--track-sharpness must be a non-negative integer, got -1"),
+    "track batches 0": (["--track-batches", "0"], "--track-batches must be a positive integer, got 0"),
+    "track batch size 0": (["--track-batch-size", "0"], "--track-batch-size must be a positive integer, got 0"),
+    "track tol nan": (["--track-tol", "nan"], "--track-tol must be a finite number in (0, 1), got nan"),
+    "track tol 1": (["--track-tol", "1"], "--track-tol must be a finite number in (0, 1), got 1"),
+    "track hvps 1": (["--track-hvps", "1"], "--track-hvps must be an integer >= 2, got 1"),
+    "track dtype": (["--track-dtype", "float16"], "argument --track-dtype: invalid choice: 'float16'"),
+}
+OTHER_FLAGS = {
+    "lr-sweep lrs nan": ("lr-sweep", ["--lrs", "1e-3", "nan"], "--lrs must be a positive finite number, got nan"),
+    "lr-sweep lrs -1": ("lr-sweep", ["--lrs", "-1"], "--lrs must be a positive finite number, got -1"),
+    "demo jobs -1": ("demo", ["--jobs", "-1"], "--jobs must be a non-negative integer, got -1"),
+    "demo steps 2": ("demo", ["--steps", "2"], "--steps must be an integer >= 3, got 2"),
+    "demo steps nan": ("demo", ["--steps", "nan"], "--steps must be an integer >= 3, got nan"),
+    "figures jobs -1": ("figures", ["--jobs", "-1"], "--jobs must be a non-negative integer, got -1"),
+    "bench threads 0": ("bench", ["--threads", "0"], "--threads must be a positive integer, got 0"),
+}
+FLAG_CASES = {**{f"{cmd} {name}": (cmd, *case) for cmd in ("train", "lr-sweep")
+                 for name, case in TRAINING_FLAGS.items() if not (cmd == "lr-sweep" and name.startswith("lr "))},
+              **OTHER_FLAGS}  # lr-sweep has --lrs instead of --lr
+
+
+def command(name, tmp, *extra):
+    return [a.format(tmp=tmp) for a in COMMANDS[name]] + [str(a) for a in extra]
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_training_and_experiment_flags(tmp_path, capsys, case):
+    name, flags, message = FLAG_CASES[case]
+    rc, out, lines = run(command(name, tmp_path, *flags), capsys)
+    assert rc == 2 and out == "" and len(lines) == 1, lines
+    assert lines[0].startswith(f"hessian-tools {name}: error: ") and message in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == []  # refused when parsed: nothing made
+
+
+OUTPUTS = {  # command -> its output flag; each case refuses before any training or measuring
+    "train": "--out", "lr-sweep": "--out", "demo": "--out", "figures": "--out", "bench": "--results",
+}
+PLACES = {  # name -> (build(tmp) -> the output path, message)
+    "under a file": (lambda t: _file(t / "notes") / "x", "notes is a file, not a directory"),
+    "is a file": (lambda t: _file(t / "notes"), "notes is a file, not a directory"),
+    "name too long": (lambda t: t / ("x" * 300), "the name is too long"),
+}
+OUTPUT_CASES = {f"{cmd} {where}": (cmd, where) for cmd in OUTPUTS for where in PLACES}
+OUTPUT_CASES.update({"demo --figures under a file": ("demo", "--figures"),
+                     "figures --runs under a file": ("figures", "--runs"),
+                     "figures --executed under a file": ("figures", "--executed"),
+                     "bench --out a directory": ("bench", "--out")})
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_training_and_experiment_outputs(tmp_path, capsys, case):
+    name, where = OUTPUT_CASES[case]
+    if where in PLACES:
+        build, message = PLACES[where]
+        flag = OUTPUTS[name]
+    else:
+        flag, build, message = where, (lambda t: _file(t / "notes") / "x"), "notes is a file, not a directory"
+        if case == "bench --out a directory":
+            build, message = (lambda t: _dir(t / "B.md")), "is a directory; name a file"
+    rc, out, lines = run(command(name, tmp_path, flag, build(tmp_path)), capsys)
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+    assert (tmp_path / "notes").read_text() == "notes" if (tmp_path / "notes").exists() else True
+
+
+@pytest.mark.parametrize("name", ["train", "lr-sweep", "demo", "figures"])
+def test_training_and_experiments_to_a_read_only_disk(mounted, capsys, name):
+    disk = mounted("size=64k,ro")
+    flag = {"figures": "--runs"}.get(name, "--out")
+    rc, out, lines = run(command(name, disk, flag, disk / "out"), capsys)
+    assert rc == 2 and len(lines) == 1 and "the file system is read-only" in lines[0], lines
+
+
+def test_train_reads_no_fifo_as_its_data(tmp_path, capsys, no_hang):
+    rc, out, lines = run(command("train", tmp_path, "--data", fifo(tmp_path / "text")), capsys)
+    assert rc == 2 and len(lines) == 1 and "text: is a FIFO (named pipe); the data file must be a regular file" \
+        in lines[0], lines
+
+
+TRAIN_SIZES = {  # class 2: refused with the estimate before anything is allocated
+    "dim 4e6": (["--dim", "4000000"], "training simplegpt (1 layers, dim 4000000, vocab"),
+    "1e9 layers": (["--layers", "1000000000"], "training simplegpt (1000000000 layers"),
+    "batch 1e9": (["--batch-size", "1000000000"], "on batches of 1000000000 x 8 tokens needs at least"),
+    "context 1e9": (["--seq-len", "1000000000"], "on batches of 2 x 1000000000 tokens needs at least"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_SIZES)
+def test_training_sizes_that_cannot_fit(tmp_path, capsys, case):
+    flags, message = TRAIN_SIZES[case]
+    rc, out, lines = run(command("train", tmp_path, *flags), capsys)
+    assert rc == 2 and len(lines) == 1 and message in lines[0] and "is available on cpu" in lines[0], lines
+    assert not list((tmp_path / "run").glob("ckpt_*"))
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final weights of the 4-step run the disk-full tests interrupt at its second checkpoint."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(command("train", out.parent, "--steps", "4", "--save-every", "2")) == 0
+    return _weights(out / "ckpt_0000004")
+
+
+def _fill(disk):
+    """Write zeros into `disk` until it is full."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _resumes_to(run_dir, whole, capsys, lines):
+    from models.train import resume_point
+
+    assert len(lines) == 1 and "the run stopped and resumes from step 2" in lines[0], lines
+    assert resume_point(run_dir) == 2  # the earlier checkpoint reads back whole
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".tmp")) == []
+    assert main(command("train", run_dir.parent, "--steps", "4", "--save-every", "2")) == 0
+    capsys.readouterr()
+    resumed = _weights(run_dir / "ckpt_0000004")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_train_on_a_disk_that_fills_keeps_its_last_checkpoint(mounted, capsys, monkeypatch, uninterrupted):
+    """A real full disk (tmpfs) at the second checkpoint: one line, status 2, step 2 intact, the rerun exact."""
+    import models.train as train_mod
+
+    disk = mounted("size=1m")
+    real = train_mod.save_checkpoint
+
+    def save(run_dir, step, *rest):
+        if step == 4:
+            _fill(disk)
+        return real(run_dir, step, *rest)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    rc, out, lines = run(command("train", disk, "--steps", "4", "--save-every", "2"), capsys)
+    assert rc == 2 and lines and "ckpt_0000004: cannot write the checkpoint: the disk is full" in lines[0], lines
+    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    os.remove(disk / "filler")
+    _resumes_to(disk / "run", uninterrupted, capsys, lines)
+
+
+def test_train_on_an_injected_full_disk_keeps_its_last_checkpoint(tmp_path, capsys, monkeypatch, uninterrupted):
+    """ENOSPC as safetensors reports it (where no tmpfs can be mounted, this is the disk-full test)."""
+    import models.checkpoint.native as native
+    from safetensors import SafetensorError
+
+    real, calls = native.save_file, []
+
+    def save_file(tensors, path):
+        calls.append(path)
+        if "ckpt_0000004" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path)
+
+    monkeypatch.setattr(native, "save_file", save_file)
+    rc, out, lines = run(command("train", tmp_path, "--steps", "4", "--save-every", "2"), capsys)
+    assert rc == 2 and lines and "ckpt_0000004: cannot write the checkpoint: the disk is full" in lines[0], lines
+    assert any("ckpt_0000004" in str(p) for p in calls)
+    monkeypatch.setattr(native, "save_file", real)
+    _resumes_to(tmp_path / "run", uninterrupted, capsys, lines)

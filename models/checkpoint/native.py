@@ -16,13 +16,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from hessian_tools import __version__
 from hessian_tools.cli.common import flag_for
 from hessian_tools.errors import UserError
-from hessian_tools.paths import is_directory, is_regular
+from hessian_tools.paths import fsync_dir, is_directory, is_regular, os_error
 from models.checkpoint.files import read_safetensors
 from models.config import GPTConfig
 from models.schemas import TOOLKIT_FORMAT as FORMAT
@@ -31,14 +32,6 @@ from models.schemas import read_meta
 CKPT_RE = re.compile(r"^ckpt_(\d{7})$")
 # Settings a toolkit checkpoint may be loaded with differently from how it was trained.
 FREE_OVERRIDES = ("norm_backend", "dropout")
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path):
@@ -55,13 +48,33 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, optimizer, meta: dict)
     """Write RUN_DIR/ckpt_{step:07d}/ atomically and return its path; an existing one is replaced.
 
     `optimizer` is a torch.optim.AdamW over model.named_parameters() (or None); `meta` must be JSON-able.
+    A write that fails (a full disk, an I/O error) removes what it began and raises a one-line UserError; the
+    run's other checkpoints are untouched.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt_{step:07d}"
     tmp = run_dir / f".tmp_ckpt_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, model, optimizer, meta)
+        if final.exists():
+            old = run_dir / f".old_ckpt_{step:07d}_{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        fsync_dir(run_dir)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(exc, final, "write the checkpoint") from None
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model: nn.Module, optimizer, meta: dict):
+    """The files of one checkpoint in directory `tmp`, fsynced."""
     save_file(_plain(model.state_dict()), tmp / "model.safetensors")
     if optimizer is not None:
         state = {}
@@ -73,16 +86,7 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, optimizer, meta: dict)
     (tmp / "meta.json").write_text(json.dumps(record, indent=1))
     for f in tmp.iterdir():
         _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():
-        old = run_dir / f".old_ckpt_{step:07d}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(run_dir)
-    return final
+    fsync_dir(tmp)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
