@@ -265,7 +265,9 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
     """Run (or resume, or just report) the training run `cfg` in `run_dir`.
 
     A finished run (status completed or diverged) is returned as recorded; otherwise training resumes from
-    the latest checkpoint (metrics lines after it are dropped and redone) or starts at step 0.
+    the latest checkpoint (metrics lines after it are dropped and redone) or starts at step 0. A write the disk
+    refuses (full, read-only) stops it with a UserError naming the step a rerun resumes from; the checkpoints
+    written before are untouched.
     """
     run_dir = Path(run_dir)
     lock = _lock(run_dir)
@@ -274,6 +276,8 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
         if recorded and recorded.get("status") in ("completed", "diverged"):
             return TrainResult(recorded["status"], recorded["step"], run_dir, recorded.get("reason"))
         return _train(cfg, run_dir, progress)
+    except (OSError, SafetensorError) as exc:  # metrics, status or warm starts the disk refused (inputs are checked)
+        raise _stopped(run_dir, os_error(exc, run_dir, "write the run")) from None
     finally:
         os.close(lock)
 
@@ -374,8 +378,6 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
                     if tracker is not None:
                         _prune_vectors(run_dir, done)
                 step = done
-    except (OSError, SafetensorError) as exc:  # metrics or warm starts that cannot be written
-        raise _stopped(run_dir, os_error(exc, run_dir, "write the run")) from None
     except KeyboardInterrupt:
         _write_json(run_dir / STATUS_FILE, {"status": "interrupted", "step": step,
                                             "resume_from": resume_point(run_dir, verify=False)})

@@ -705,3 +705,32 @@ def test_train_on_an_injected_full_disk_keeps_its_last_checkpoint(tmp_path, caps
     assert any("ckpt_0000004" in str(p) for p in calls)
     monkeypatch.setattr(native, "save_file", real)
     _resumes_to(tmp_path / "run", uninterrupted, capsys, lines)
+
+
+def test_train_whose_metrics_meet_a_full_disk_loses_no_line(capsys, monkeypatch, uninterrupted, tmp_path):
+    """ENOSPC on the metrics line of step 3 (after the checkpoint at step 2; injected, since a tmpfs still has
+    room in the file's last page): one line, status 2; the rerun's metrics are the uninterrupted run's."""
+    import errno
+    import io
+
+    import models.train as train_mod
+
+    class FillsAtStep3(io.TextIOWrapper):
+        def write(self, text):
+            if '"step": 3,' in text:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    def open_(path, mode="r", **kw):
+        handle = open(path, mode, **kw)
+        return FillsAtStep3(handle.detach()) if str(path).endswith("metrics.jsonl") and mode == "a" else handle
+
+    monkeypatch.setattr(train_mod, "open", open_, raising=False)
+    rc, out, lines = run(command("train", tmp_path / "a", "--steps", "4", "--save-every", "2"), capsys)
+    assert rc == 2 and lines and "run: cannot write the run: the disk is full" in lines[0], lines
+    monkeypatch.delattr(train_mod, "open")
+    _resumes_to(tmp_path / "a" / "run", uninterrupted, capsys, lines)
+    assert main(command("train", tmp_path / "b", "--steps", "4", "--save-every", "2")) == 0
+    metrics = [[{k: v for k, v in m.items() if k != "tokens_per_s"}
+                for m in train_mod.read_metrics(tmp_path / d / "run" / "metrics.jsonl")] for d in "ab"]
+    assert len(metrics[0]) == 4 and metrics[0] == metrics[1]
