@@ -59,33 +59,36 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def input_file(path, what: str = "file") -> Path:
-    """`path` as a Path once it is known to be a readable regular file (nothing is opened)."""
+def _checked_input(path, doing: str, access: int) -> tuple[Path, int]:
+    """(path as a Path, its st_mode); a UserError `{path}: cannot {doing}: {cause}` when it cannot be reached or
+    lacks the `access` bits (os.R_OK, ...)."""
     path = Path(path)
     try:
-        st = path.stat()
+        mode = path.stat().st_mode
     except OSError as exc:
-        raise os_error(exc, path, f"read the {what}") from None
-    if stat.S_ISDIR(st.st_mode):
+        raise os_error(exc, path, doing) from None
+    if not os.access(path, access):
+        raise UserError(f"{path}: cannot {doing}: permission denied")
+    return path, mode
+
+
+def input_file(path, what: str = "file") -> Path:
+    """`path` as a Path once it is known to be a readable regular file (nothing is opened)."""
+    path, mode = _checked_input(path, f"read the {what}", os.F_OK)
+    if stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a directory; the {what} must be a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path}: is {_kind(st.st_mode)}; the {what} must be a regular file")
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{path}: cannot read the {what}: permission denied")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: is {_kind(mode)}; the {what} must be a regular file")
+    _checked_input(path, f"read the {what}", os.R_OK)
     return path
 
 
 def input_dir(path, what: str = "directory") -> Path:
     """`path` as a Path once it is known to be a directory whose entries can be listed and opened."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise os_error(exc, path, f"open the {what}") from None
-    if not stat.S_ISDIR(st.st_mode):
+    path, mode = _checked_input(path, f"open the {what}", os.F_OK)
+    if not stat.S_ISDIR(mode):
         raise UserError(f"{path}: is not a directory; the {what} must be one")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise UserError(f"{path}: cannot open the {what}: permission denied")
+    _checked_input(path, f"open the {what}", os.R_OK | os.X_OK)
     return path
 
 

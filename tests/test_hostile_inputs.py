@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -102,6 +101,15 @@ def nested(record, path, value):
 
 
 DELETE = object()
+
+
+def edited(directory, tmp, name, field, value):
+    """A copy of checkpoint `directory` in tmp whose JSON file `name` has `field` (dotted) set to value."""
+    copy = shutil.copytree(directory, tmp / directory.name)
+    record = json.loads((copy / name).read_text())
+    nested(record, field, value)
+    (copy / name).write_text(json.dumps(record))
+    return copy
 META = {  # field of meta.json -> (value, message)
     "model_config.dim (string)": ("model_config.dim", "32", "model_config.dim must be a positive integer, got '32'"),
     "model_config.dim (null)": ("model_config.dim", None, "model_config.dim must be a positive integer, got null"),
@@ -111,7 +119,8 @@ META = {  # field of meta.json -> (value, message)
     "norm_eps NaN": ("model_config.norm_eps", float("nan"), "model_config.norm_eps must be a non-negative finite "
                                                             "number, got NaN"),
     "rope_theta = 0": ("model_config.rope_theta", 0, "model_config.rope_theta must be a positive finite number, got 0"),
-    "rope_theta inf": ("model_config.rope_theta", float("inf"), "model_config.rope_theta must be a positive finite number, got inf"),
+    "rope_theta inf": ("model_config.rope_theta", float("inf"),
+                       "model_config.rope_theta must be a positive finite number, got inf"),
     "bias = yes": ("model_config.bias", "yes", "model_config.bias must be true or false, got 'yes'"),
     "vocab_size null": ("model_config.vocab_size", None, "model_config.vocab_size must be a positive integer"),
     "unknown model setting": ("model_config.width", 3, "model_config must be an object with keys among"),
@@ -135,10 +144,7 @@ META = {  # field of meta.json -> (value, message)
 @pytest.mark.parametrize("case", META)
 def test_recorded_metadata_of_the_wrong_type_or_range(world, tmp_path, capsys, case):
     field, value, message = META[case]
-    ckpt = shutil.copytree(world["ckpt"], tmp_path / "ckpt")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    nested(meta, field, value)
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    ckpt = edited(world["ckpt"], tmp_path, "meta.json", field, value)
     assert_one_line(run(["inspect", ckpt], capsys), f"meta.json: {message}")
 
 
@@ -191,11 +197,7 @@ HF = {
 @pytest.mark.parametrize("case", HF)
 def test_hugging_face_configs(world, tmp_path, capsys, case):
     field, value, message = HF[case]
-    hf = shutil.copytree(world["hf"], tmp_path / "hf")
-    config = json.loads((hf / "config.json").read_text())
-    nested(config, field, value)
-    (hf / "config.json").write_text(json.dumps(config))
-    assert_one_line(run(["inspect", hf], capsys), message)
+    assert_one_line(run(["inspect", edited(world["hf"], tmp_path, "config.json", field, value)], capsys), message)
 
 
 JOB = {
@@ -203,7 +205,8 @@ JOB = {
                   "[training] seq_len must be a positive integer, got 0"),
     "lr negative": ('[model]\nname = "llama2"\nflavor = "20M"\n[optimizer]\nlr = -1.0\n',
                     "[optimizer] lr must be a positive finite number, got -1.0"),
-    "lr nan": ('[model]\nname = "llama2"\nflavor = "20M"\n[optimizer]\nlr = nan\n', "[optimizer] lr must be a positive"),
+    "lr nan": ('[model]\nname = "llama2"\nflavor = "20M"\n[optimizer]\nlr = nan\n',
+               "[optimizer] lr must be a positive"),
     "name a number": ('[model]\nname = 5\nflavor = "20M"\n', "[model] name must be a string, got 5"),
     "no model table": ('[training]\nseq_len = 8\n', "[model] is missing"),
     "model not a table": ('model = 3\n', "[model] must be an object"),
@@ -259,23 +262,18 @@ SIZES = {
 @pytest.mark.parametrize("case", SIZES)
 def test_recorded_sizes_that_cannot_fit(world, tmp_path, capsys, case):
     field, value, message = SIZES[case]
-    ckpt = shutil.copytree(world["ckpt"], tmp_path / "ckpt")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    nested(meta, field, value)
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    rc, out, lines = run(["inspect", ckpt], capsys)
+    rc, out, lines = run(["inspect", edited(world["ckpt"], tmp_path, "meta.json", field, value)], capsys)
     assert rc == 2 and len(lines) == 1 and message in lines[0] and "is available on cpu" in lines[0], lines
 
 
 def test_a_hugging_face_config_larger_than_its_weights(world, tmp_path, capsys):
-    hf = shutil.copytree(world["hf"], tmp_path / "hf")
-    config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, "vocab_size": 10**12}))
+    hf = edited(world["hf"], tmp_path, "config.json", "vocab_size", 10**12)
     assert_one_line(run(["inspect", hf], capsys), "needs at least")
 
 
 FLAG_SIZES = {
-    "batches 1e9": (["spectrum", "{ckpt}", "--batches", "1000000000"], "on 1000000000 batches of 1 x 8 tokens (operator size 1,952) needs at least"),
+    "batches 1e9": (["spectrum", "{ckpt}", "--batches", "1000000000"],
+                    "on 1000000000 batches of 1 x 8 tokens (operator size 1,952) needs at least"),
     "batch size 1e10": (["spectrum", "{ckpt}", "--batch-size", "10000000000"], "batches of 10000000000 x 8 tokens"),
     "density grid 1e12": (["density", "{ckpt}", "--out", "{tmp}/d.png", "--grid", "0", "1", "1e12"],
                           "--grid with 1,000,000,000,000 points needs at least"),
@@ -378,40 +376,15 @@ def test_an_unreadable_data_file(world, tmp_path, capsys, monkeypatch):
     assert_one_line(run(["inspect", world["ckpt"]], capsys), "cannot open the checkpoint directory: permission denied")
 
 
-@pytest.fixture
-def mounted(tmp_path):
-    """mounted(options) -> a fresh tmpfs with mount options (skipped where mounting is not allowed)."""
-    mounts = []
-
-    def mount(options):
-        point = tmp_path / f"mnt{len(mounts)}"
-        point.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                          capture_output=True).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", str(point)], check=True)
-
-
 def test_density_to_a_read_only_disk_is_refused_before_computing(world, mounted, capsys):
     disk = mounted("size=64k,ro")
     rc, out, lines = run(["density", world["ckpt"], "--out", disk / "d.png", *FAST], capsys)
     assert rc == 2 and len(lines) == 1 and "the file system is read-only" in lines[0] and out == ""
 
 
-def test_density_to_a_full_disk_keeps_the_record(world, mounted, capsys):
+def test_density_to_a_full_disk_keeps_the_record(world, mounted, fill_disk, capsys):
     disk = mounted("size=64k")
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    os.close(fd)
+    fill_disk(disk)
     rc, out, lines = run(["density", world["ckpt"], "--out", disk / "d.png", "--probes", "2", "--iter", "4", *FAST],
                          capsys)
     assert rc == 2 and len(lines) == 1 and "the disk is full" in lines[0] and "printed on stdout" in lines[0]
@@ -436,7 +409,8 @@ FLAGS = {
     "seq-len 0": (["spectrum", "--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
     "batches 0": (["trace", "--batches", "0"], "--batches must be a positive integer, got 0"),
     "batch-size -1": (["trace", "--batch-size", "-1"], "--batch-size must be a positive integer, got -1"),
-    "memory budget abc": (["spectrum", "--memory-budget", "abc"], "--memory-budget must be a positive integer, got abc"),
+    "memory budget abc": (["spectrum", "--memory-budget", "abc"],
+                          "--memory-budget must be a positive integer, got abc"),
     "layer -1": (["spectrum", "--role", "attn_in", "--layer", "-1"], "--layer must be a non-negative integer"),
     "data spread 4": (["spectrum", "--data-spread", "4"], "--data-spread must be an integer >= 8, got 4"),
     "rope theta nan": (["spectrum", "--rope-theta", "nan"], "--rope-theta must be a positive finite number, got nan"),
@@ -643,17 +617,6 @@ def uninterrupted(tmp_path_factory):
     return _weights(out / "ckpt_0000004")
 
 
-def _fill(disk):
-    """Write zeros into `disk` until it is full."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    os.close(fd)
-
-
 def _resumes_to(run_dir, whole, capsys, lines):
     from models.train import resume_point
 
@@ -666,7 +629,7 @@ def _resumes_to(run_dir, whole, capsys, lines):
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
-def test_train_on_a_disk_that_fills_keeps_its_last_checkpoint(mounted, capsys, monkeypatch, uninterrupted):
+def test_train_on_a_disk_that_fills_keeps_its_last_checkpoint(mounted, fill_disk, capsys, monkeypatch, uninterrupted):
     """A real full disk (tmpfs) at the second checkpoint: one line, status 2, step 2 intact, the rerun exact."""
     import models.train as train_mod
 
@@ -675,7 +638,7 @@ def test_train_on_a_disk_that_fills_keeps_its_last_checkpoint(mounted, capsys, m
 
     def save(run_dir, step, *rest):
         if step == 4:
-            _fill(disk)
+            fill_disk(disk)
         return real(run_dir, step, *rest)
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save)

@@ -6,7 +6,6 @@ import errno
 import json
 import multiprocessing as mp
 import os
-import subprocess
 
 import pytest
 
@@ -255,27 +254,11 @@ def test_a_half_line_left_by_a_failed_undo_is_quarantined_next_time(tmp_path, mo
     assert tags(path) == [1, 3] and len(quarantined(path)) == 1
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (skipped where mounting is not allowed; the injected ENOSPC tests stand regardless)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def test_a_real_full_disk(small_disk):
-    path = small_disk / "r.jsonl"
+def test_a_real_full_disk(mounted, fill_disk):
+    disk = mounted("size=64k")
+    path = disk / "r.jsonl"
     append_record(path, rec(1))
-    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    os.close(fd)
+    fill_disk(disk)
     before = path.read_bytes()
     with pytest.raises(UserError, match="the disk is full"):
         for i in range(1000):  # the page of the results file may still have room for a few records
