@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from hessian_tools.paths import write_atomic
+
 
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -9,7 +11,8 @@ def markers(name: str) -> tuple[str, str]:
 
 def write_section(path, name: str, body: str) -> None:
     """Replace section `name` of the markdown file `path` with `body` (appended, or the file created, when
-    missing); every other section stays as it is."""
+    missing); every other section stays as it is. Written through a temporary file: a failed write changes
+    nothing."""
     path = Path(path)
     start, end = markers(name)
     section = f"{start}\n{body.strip(chr(10))}\n{end}"
@@ -19,4 +22,4 @@ def write_section(path, name: str, body: str) -> None:
         text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_atomic(path, text, str(path))

@@ -1,10 +1,12 @@
 """Typed, validated configuration of the GPT family; recorded verbatim in every checkpoint."""
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
 from hessian_tools.errors import UserError
+from hessian_tools.schema import Bool, Float, Int, Nullable, Str, check_fields, dataclass_fields
 
 ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 LLAMA_FAMILY = ("llama2", "llama2_qknorm", "simplegpt")
@@ -65,29 +67,21 @@ class GPTConfig:
             raise UserError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.norm_backend not in NORM_BACKENDS:
             raise UserError(f"unknown norm backend {self.norm_backend!r}; choose one of {', '.join(NORM_BACKENDS)}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        check_fields(self, FIELDS)  # types and ranges: "32", None, NaN, negative widths, rope_theta 0, ...
+        if self.norm_backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise UserError("norm_backend 'triton' needs the triton package: pip install 'hessian-tools[triton]' "
+                            "(or use --norm-backend torch)")
         if self.dim % self.n_heads:
             raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        for name, value, choices in (("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES),
-                                     ("gelu_approximate", self.gelu_approximate, GELU_APPROXIMATIONS)):
-            if value not in choices:
-                raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+        if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.arch in GPT2_FAMILY and (self.n_kv_heads != self.n_heads or self.tie_embeddings):
             raise UserError(f"{self.arch} has plain multi-head attention and a tied LM head: n_kv_heads and "
                             "tie_embeddings apply to the Llama family only")
-        if self.multiple_of < 1 or (self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0):
-            raise UserError(f"multiple_of must be positive and ffn_dim_multiplier positive or None, got "
-                            f"{self.multiple_of} and {self.ffn_dim_multiplier}")
         if self.arch in LLAMA_FAMILY and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head dimension, got dim/n_heads = {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.ffn_hidden == 0:
             default = (llama_ffn_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
                        if self.arch in LLAMA_FAMILY else 4 * self.dim)
@@ -112,3 +106,13 @@ class GPTConfig:
         if unknown:
             raise UserError(f"unknown model settings {unknown}; known settings are {sorted(known)}")
         return cls(**data)
+
+
+POSITIVE, POSITIVE_FLOAT = Int(low=1), Float(low=0, low_open=True)
+# Types and ranges of every GPTConfig field (hessian_tools.schema); the file schemas (models.schemas) reuse it.
+FIELDS = dataclass_fields(
+    GPTConfig, arch=Str(ARCHS), vocab_size=POSITIVE, dim=POSITIVE, n_layers=POSITIVE, n_heads=POSITIVE,
+    seq_len=POSITIVE, ffn_hidden=Int(low=0), rope_theta=POSITIVE_FLOAT, norm_eps=Float(low=0), bias=Bool(),
+    dropout=Float(low=0, high=1, high_open=True), norm_backend=Str(NORM_BACKENDS), n_kv_heads=Int(low=0),
+    multiple_of=POSITIVE, ffn_dim_multiplier=Nullable(POSITIVE_FLOAT), qk_norm_scope=Str(QK_NORM_SCOPES),
+    tie_embeddings=Bool(), gelu_approximate=Str(GELU_APPROXIMATIONS))

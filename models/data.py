@@ -9,13 +9,16 @@ measurement batches come from the held-out split, fixed by their own seed.
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from hessian_tools.errors import UserError
+from hessian_tools.footprint import batch_bytes, require_memory
+from hessian_tools.paths import input_file, os_error
+from hessian_tools.schema import MAX_SEED, Float, Int, Nullable, Str, check_fields
 
 EMBEDDED = "embedded pydoc_data.topics corpus"
 
@@ -65,14 +68,14 @@ def load_corpus(path=None) -> str:
         from pydoc_data.topics import topics
 
         return "\n\n".join(topics[key] for key in sorted(topics))
+    if not os.path.lexists(path):
+        raise UserError(f"{path}: no such data file; pass --data with an existing UTF-8 text file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such data file; pass --data with an existing UTF-8 text file") from None
+        text = input_file(path, "data file").read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); pass a UTF-8 file") from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the data file ({exc.strerror})") from None
+        raise os_error(exc, path, "read the data file") from None
     if not text:
         raise UserError(f"{path}: the data file is empty; pass a file with text in it")
     return text
@@ -90,10 +93,9 @@ class DataSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise UserError(f"heldout fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.path is not None:
-            object.__setattr__(self, "path", str(self.path))
+        if isinstance(self.path, os.PathLike):
+            object.__setattr__(self, "path", os.fspath(self.path))
+        check_fields(self, DATA_FIELDS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,6 +103,10 @@ class DataSpec:
     @property
     def name(self) -> str:
         return EMBEDDED if self.path is None else self.path
+
+
+DATA_FIELDS = {"path": Nullable(Str(nonempty=True)), "seed": Int(low=0, high=MAX_SEED),
+               "heldout_fraction": Float(low=0, high=1, low_open=True, high_open=True)}
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,12 @@ def training_batch(splits: Splits, spec: DataSpec, step: int, batch_size: int, s
 def fixed_windows(tokens, n_batches: int, batch_size: int, seq_len: int, seed: int, what: str, name: str) -> list:
     """n_batches batches [(idx, targets)] of int64 (batch_size, seq_len) windows of the 1-D token stream `tokens`
     (torch tensor or numpy array), their starts uniform and fixed by `seed`."""
-    if n_batches < 1 or batch_size < 1 or seq_len < 1:
-        raise UserError(f"need positive batch counts and sizes, got {n_batches} x {batch_size} x {seq_len}")
+    for field, value in (("n_batches", n_batches), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{field} must be a positive integer, got {value!r}")
     check_length(tokens, seq_len, what, name)
+    require_memory({"batches": batch_bytes(n_batches, batch_size, seq_len)},
+                   f"{n_batches} batches of {batch_size} x {seq_len} tokens")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len, (n_batches, batch_size), generator=gen)
     return [_windows(tokens, row, seq_len) for row in starts]

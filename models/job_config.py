@@ -9,11 +9,13 @@ is the context length (GPTConfig.seq_len) recorded here; measurements default to
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from hessian_tools.errors import UserError
+from hessian_tools.paths import input_file
+from hessian_tools.schema import SchemaError, check
 from models.config import llama_ffn_hidden
 from models.flavors import MODEL_ARGS_DEFAULTS, REFERENCE_MODELS, flavor_table
+from models.schemas import JOB_CONFIG
 
 try:
     import tomllib
@@ -42,16 +44,20 @@ class JobConfig:
                 "tokenizer_path": self.tokenizer_path, "lr": self.lr}
 
 
-def _section(data: dict, name: str, path) -> dict:
-    value = data.get(name, {})
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: [{name}] must be a table")
-    return value
+def _checked(data: dict, path) -> dict:
+    """`data` checked against models.schemas.JOB_CONFIG, fields named as TOML does: [training] seq_len."""
+    try:
+        return check(data, JOB_CONFIG)
+    except SchemaError as exc:
+        table, _, key = exc.path.partition(".")
+        field = f"[{table}] {key}" if key else f"[{table}]"
+        raise UserError(f"{path}: {field} {'is missing; it must be' if exc.got is None else 'must be'} "
+                        f"{exc.expected}{'' if exc.got is None else ', got ' + exc.got}") from None
 
 
 def read_job_config(path) -> JobConfig:
     """Parse a torchtitan job config; UserError (one line, naming the field) for anything this cannot map."""
-    path = Path(path)
+    path = input_file(path, "job config")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -60,9 +66,10 @@ def read_job_config(path) -> JobConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a valid TOML job config ({str(exc).splitlines()[0]})") from None
-    model, training = _section(data, "model", path), _section(data, "training", path)
-    lr = _section(data, "optimizer", path).get("lr")
-    name, flavor = model.get("name"), model.get("flavor")
+    data = _checked(data, path)
+    model, training = data["model"], data.get("training", {})
+    lr = data.get("optimizer", {}).get("lr")
+    name, flavor = model["name"], model["flavor"]
     if name not in REFERENCE_MODELS:
         raise UserError(f"{path}: [model] name {name!r} is not a model of the SimpleGPT reference; known names: "
                         f"{', '.join(REFERENCE_MODELS)}")
@@ -75,15 +82,11 @@ def read_job_config(path) -> JobConfig:
         raise UserError(f"{path}: [model] norm_type {norm_type!r} is not supported: the toolkit's Llama variants "
                         f"use RMSNorm ({' or '.join(RMS_NORM_TYPES)})")
     seq_len = training.get("seq_len", TORCHTITAN_SEQ_LEN)
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise UserError(f"{path}: [training] seq_len must be a positive integer, got {seq_len!r}")
     args = {**MODEL_ARGS_DEFAULTS, **table[flavor]}
     settings = {**REFERENCE_MODELS[name], "dim": args["dim"], "n_layers": args["n_layers"],
                 "n_heads": args["n_heads"], "n_kv_heads": args["n_kv_heads"] or args["n_heads"],
                 "multiple_of": args["multiple_of"], "ffn_dim_multiplier": args["ffn_dim_multiplier"],
                 "ffn_hidden": llama_ffn_hidden(args["dim"], args["multiple_of"], args["ffn_dim_multiplier"]),
                 "rope_theta": float(args["rope_theta"]), "norm_eps": args["norm_eps"], "seq_len": 2 * seq_len}
-    tokenizer = model.get("tokenizer_path")
     return JobConfig(str(path), hashlib.sha256(raw).hexdigest(), name, flavor, settings, seq_len,
-                     tokenizer if isinstance(tokenizer, str) else None,
-                     float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None)
+                     model.get("tokenizer_path"), None if lr is None else float(lr))

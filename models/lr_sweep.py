@@ -9,6 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hessian_tools.paths import output_dir, output_file, write_atomic
 from models.train import METRICS_FILE, TrainConfig, read_metrics, train
 
 SWEEP_FILE = "lr_sweep.json"
@@ -33,6 +34,7 @@ def lr_sweep(archs, lrs, out, base: TrainConfig, progress: bool = False) -> dict
     {"criterion", "settings", "archs": {arch: {"runs": [{lr, status, initial_loss, final_loss, stable}],
     "largest_stable_lr", "at_edge"}}}."""
     lrs = sorted(set(float(lr) for lr in lrs))
+    output_file(output_dir(out, "--out") / SWEEP_FILE, "--out")  # before training for minutes
     record = {"criterion": __doc__.split("\n\n")[1].replace("\n", " "),
               "settings": {k: v for k, v in base.to_dict().items() if k not in ("arch", "lr")}, "archs": {}}
     for arch in archs:
@@ -44,8 +46,7 @@ def lr_sweep(archs, lrs, out, base: TrainConfig, progress: bool = False) -> dict
         stable = [r["lr"] for r in runs if r["stable"]]
         best = max(stable) if stable else None
         record["archs"][arch] = {"runs": runs, "largest_stable_lr": best, "at_edge": best == lrs[-1]}
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / SWEEP_FILE).write_text(json.dumps(record, indent=1))
+    write_atomic(Path(out) / SWEEP_FILE, json.dumps(record, indent=1), "--out")
     return record
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hessian_tools.errors import UserError
+from hessian_tools.paths import input_file
 from models.data import EMBEDDED, DataSpec, fixed_windows, load_corpus
 
 TOKEN_FLAG, TOKENIZER_FLAG = "--tokens", "--tokenizer"
@@ -130,9 +131,9 @@ def token_file_stream(path) -> TokenStream:
     if file.suffix not in (".bin", ".npy"):
         raise UserError(f"{path}: {TOKEN_FLAG} reads nanoGPT's uint16 .bin files or .npy arrays of token ids, not "
                         f"{file.suffix or 'a file without suffix'} (for a text pass {TOKENIZER_FLAG} FILE --data TEXT)")
-    if not file.is_file():
+    if not file.exists():
         raise UserError(f"{path}: no such token file; pass {TOKEN_FLAG} an existing .bin or .npy file")
-    stat = file.stat()
+    stat = input_file(file, "token file").stat()
     return _token_file(str(file), stat.st_mtime_ns, stat.st_size)
 
 
@@ -197,8 +198,9 @@ def tokenizer_stream(tokenizer, spec: DataSpec) -> TokenStream:
     if file.suffix not in TOKENIZERS:
         raise UserError(f"{tokenizer}: {TOKENIZER_FLAG} reads a Hugging Face tokenizer.json or a SentencePiece "
                         f".model, not {file.suffix or 'a file without suffix'}")
-    if not file.is_file():
+    if not file.exists():
         raise UserError(f"{tokenizer}: no such tokenizer file; pass {TOKENIZER_FLAG} an existing file")
+    input_file(file, "tokenizer file")
     text = None if spec.path is None else str(Path(spec.path).resolve())
     text_mtime = Path(text).stat().st_mtime_ns if text is not None and Path(text).is_file() else 0
     return _tokenized(str(file), file.stat().st_mtime_ns, text, text_mtime, spec.heldout_fraction)

@@ -41,14 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from hessian_tools.errors import UserError
+from hessian_tools.footprint import require_memory, training_bytes
+from hessian_tools.paths import TEMPORARY_PREFIX, fsync_dir, os_error, output_dir
 from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from models.checkpoint.files import read_safetensors
-from models.checkpoint.native import CKPT_RE, _fsync_dir, _fsync_file, read_native
+from models.checkpoint.native import CKPT_RE, _fsync_file, read_native
 from models.data import fixed_windows, load_splits, measurement_batches, step_seed, training_batch
 from models.gpt import build_model, next_token_loss
 from models.sites import blocks
@@ -59,7 +62,8 @@ TRACKING_DIR = "tracking"  # the sharpness tracker's warm-start vectors at each 
 # Settings that may differ between the start and the resumption of one run.
 RESUMABLE_DIFFERENCES = ("device", "norm_backend")
 # What a killed run leaves behind besides its results: temporary files and directories, the lock.
-LEFTOVER_PREFIXES = (".tmp_ckpt_", ".old_ckpt_", f".{CONFIG_FILE}.", f".{METRICS_FILE}.", f".{STATUS_FILE}.")
+LEFTOVER_PREFIXES = (".tmp_ckpt_", ".old_ckpt_", TEMPORARY_PREFIX, f".{CONFIG_FILE}.", f".{METRICS_FILE}.",
+                     f".{STATUS_FILE}.")
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def _replace_atomically(path: Path, write):
     write(tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_json(path: Path, record: dict):
@@ -178,9 +182,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig):
 
 def _lock(run_dir: Path) -> int:
     """Create RUN_DIR if needed and hold its lock (released when the returned descriptor is closed)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: is a file, not a run directory; choose a new or empty --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(run_dir, "--out")  # exists or is made, no file in the way, writable
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,7 +265,9 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
     """Run (or resume, or just report) the training run `cfg` in `run_dir`.
 
     A finished run (status completed or diverged) is returned as recorded; otherwise training resumes from
-    the latest checkpoint (metrics lines after it are dropped and redone) or starts at step 0.
+    the latest checkpoint (metrics lines after it are dropped and redone) or starts at step 0. A write the disk
+    refuses (full, read-only) stops it with a UserError naming the step a rerun resumes from; the checkpoints
+    written before are untouched.
     """
     run_dir = Path(run_dir)
     lock = _lock(run_dir)
@@ -272,6 +276,8 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
         if recorded and recorded.get("status") in ("completed", "diverged"):
             return TrainResult(recorded["status"], recorded["step"], run_dir, recorded.get("reason"))
         return _train(cfg, run_dir, progress)
+    except (OSError, SafetensorError) as exc:  # metrics, status or warm starts the disk refused (inputs are checked)
+        raise _stopped(run_dir, os_error(exc, run_dir, "write the run")) from None
     finally:
         os.close(lock)
 
@@ -280,6 +286,10 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
     device = resolve_device(cfg.device)
     spec = cfg.data_spec()
     splits = load_splits(spec)
+    config = cfg.model_config(splits.tokenizer.vocab_size)
+    require_memory(training_bytes(config, cfg.batch_size, cfg.seq_len),
+                   f"training {cfg.arch} ({cfg.n_layers} layers, dim {cfg.dim}, vocab {config.vocab_size}) on "
+                   f"batches of {cfg.batch_size} x {cfg.seq_len} tokens", device)
     batch_of, subset = _training_source(cfg, splits, spec)
     tracker = _tracker(cfg, spec, subset)
     found = list_checkpoints(run_dir)
@@ -293,7 +303,7 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
             tracker.vectors = read_safetensors(_vectors_file(run_dir, start))
     else:
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model_config(splits.tokenizer.vocab_size)).to(device)
+        model = build_model(config).to(device)
         optimizer = make_optimizer(model, cfg)
         start, initial_loss = 0, None
     metrics_file = run_dir / METRICS_FILE
@@ -361,7 +371,10 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
                     os.fsync(log.fileno())
                     if tracker is not None:
                         _save_vectors(run_dir, done, tracker.vectors)
-                    save_checkpoint(run_dir, done, model, optimizer, {**meta, "initial_loss": initial_loss})
+                    try:
+                        save_checkpoint(run_dir, done, model, optimizer, {**meta, "initial_loss": initial_loss})
+                    except UserError as exc:  # a full disk: what is saved stays, the run stops resumable
+                        raise _stopped(run_dir, exc) from None
                     if tracker is not None:
                         _prune_vectors(run_dir, done)
                 step = done
@@ -378,6 +391,12 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
         record["reason"] = reason
     _write_json(run_dir / STATUS_FILE, record)
     return TrainResult(status, step, run_dir, reason)
+
+
+def _stopped(run_dir: Path, problem: UserError) -> UserError:
+    """A run stopped by a failed write, with the step it resumes from."""
+    return UserError(f"{problem}; the run stopped and resumes from step {resume_point(run_dir, verify=False)} "
+                     "when the same command is rerun (free space first)")
 
 
 def resume_point(run_dir, verify: bool = True) -> int:

@@ -204,7 +204,7 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
     (["spectrum", "{ckpt}", "--distributed", "--data-spread", "8"], "do not run under --distributed"),
     (["spectrum", "{ckpt}", "--distributed", "--sample-size-curve"], "do not run under --distributed"),
-    (["spectrum", "{ckpt}", "--data-spread", "2"], "the jackknife needs at least 8 groups"),
+    (["spectrum", "{ckpt}", "--data-spread", "2"], "--data-spread must be an integer >= 8, got 2"),
     (["spectrum", "{ckpt}", "--batches", "12", "--data-spread", "8"], "not a multiple of --data-spread 8"),
     (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),
     (["density", "{ckpt}", "--out", "{tmp}/density.pdf"], "must end in .png"),

@@ -41,7 +41,7 @@ def test_load_corpus_errors(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="empty"):
         load_corpus(empty)
-    with pytest.raises(UserError, match="heldout fraction"):
+    with pytest.raises(UserError, match="heldout_fraction must be a finite number in"):
         DataSpec(heldout_fraction=1.0)
 
 

@@ -59,6 +59,6 @@ def test_second_call_reuses_everything(first):
 
 def test_cli_demo_rejects_bad_input(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "1"]) == 2
-    assert "--steps must be at least 3" in capsys.readouterr().err
+    assert "--steps must be an integer >= 3, got 1" in capsys.readouterr().err
     with pytest.raises(UserError, match="unknown scale"):
         Experiment("huge", tmp_path)

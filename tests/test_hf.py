@@ -120,7 +120,7 @@ def test_unsupported_hf_directories(tmp_path):
     cases[empty] = "has a config.json but no weights"
     broken = saved(gpt2(), tmp_path / "broken")
     (broken / "config.json").write_text("{not json")
-    cases[broken] = "not a valid Hugging Face config"
+    cases[broken] = "the Hugging Face config is not JSON"
     act = saved(gpt2(activation_function="relu"), tmp_path / "relu")
     cases[act] = "activation_function = 'relu'"
     for path, pattern in cases.items():

@@ -317,7 +317,9 @@ def test_cli_bad_layer_regex(trained, capsys):
     assert "no layer matches" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--tol", "0"], ["--scale", "1"]])
-def test_cli_bad_settings(trained, capsys, flags):
+@pytest.mark.parametrize("flags, message", [(["--tol", "0"], "--tol must be a positive finite number, got 0"),
+                                            (["--scale", "1"], "--scale 1 leaves the weights as they are"),
+                                            (["--scale", "nan"], "--scale must be a positive finite number, got nan")])
+def test_cli_bad_settings(trained, capsys, flags, message):
     assert main(["verify-bound", str(trained), *flags]) == 2
-    assert "--tol must be positive" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -92,7 +92,7 @@ def test_run_dir_clashes(tmp_path):
     with pytest.raises(UserError, match="not empty and not a training run"):
         train(cfg, tmp_path / "other", progress=False)
     (tmp_path / "afile").write_text("mine")
-    with pytest.raises(UserError, match="is a file, not a run directory"):
+    with pytest.raises(UserError, match="afile is a file, not a directory"):
         train(cfg, tmp_path / "afile", progress=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert train(cfg, tmp_path / "run", progress=False).status == "completed"  # a finished run is reused
@@ -143,8 +143,8 @@ def test_lr_sweep_reports_largest_stable_lr(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--grad-clip", "-1"], "grad_clip and weight_decay must be >= 0"),
-    (["--weight-decay", "-3"], "grad_clip and weight_decay must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a non-negative finite number, got -1"),
+    (["--weight-decay", "-3"], "--weight-decay must be a non-negative finite number, got -3"),
     (["--norm-backend", "triton", "--device", "cpu"], "norm_backend 'triton' needs a CUDA device"),
 ])
 def test_bad_train_settings_are_one_line_errors(flags, message, tmp_path, capsys, monkeypatch):

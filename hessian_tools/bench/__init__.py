@@ -88,12 +88,16 @@ def _tiny_run(root: Path) -> Path:
 
 
 def save(result: dict, results_dir=RESULTS_DIR) -> Path:
-    path = Path(results_dir) / f"{result['part']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    from hessian_tools.paths import output_dir, write_atomic
+
+    path = output_dir(results_dir, "--results") / f"{result['part']}.json"
+    write_atomic(path, json.dumps(result, indent=1, allow_nan=False) + "\n", "--results")
     return path
 
 
 def load(part: str, results_dir=RESULTS_DIR) -> dict | None:
+    from hessian_tools.schema import MapOf
+    from models.schemas import read_json
+
     path = Path(results_dir) / f"{part}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, MapOf(), "benchmark results file") if path.exists() else None

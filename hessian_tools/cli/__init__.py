@@ -27,7 +27,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from hessian_tools.cli.common import Parser  # one-line parse errors, for every sub-command too
+
+    parser = Parser(
         prog="hessian-tools",
         description="Hessian spectra of GPT language models: train, measure, verify the SimpleNorm bound, plot.",
     )
@@ -39,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a flag error, already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

@@ -7,6 +7,8 @@ result goes to RESULTS/{part}.json and its BENCHMARKS.md section is written from
 the sections from the committed results without measuring. --quick: tiny shapes, nothing written (for tests).
 """
 
+from hessian_tools.cli.common import positive_int
+
 DEFAULT_OUT = "BENCHMARKS.md"
 
 
@@ -26,7 +28,7 @@ def add_parser(subparsers, name):
     p.add_argument("--no-write", action="store_true", help="write neither results nor BENCHMARKS.md")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="FILE", help=f"markdown file (default {DEFAULT_OUT})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(run=run)
 
 
@@ -41,16 +43,17 @@ def run(args) -> int:
     from hessian_tools.bench.report import SECTIONS, markdown
     from hessian_tools.benchmarks_md import write_section
     from hessian_tools.errors import UserError
+    from hessian_tools.paths import output_dir, output_file
 
     out = Path(args.out)
     results_dir = Path(args.results) if args.results else bench.RESULTS_DIR
     write = not (args.no_write or args.quick)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if write and not out.parent.is_dir():
-        raise UserError(f"--out {out}: the directory {out.parent} does not exist")
+    if write:  # before measuring for an hour
+        output_file(out, "--out")
+        if not args.report:
+            output_dir(results_dir, "--results")
     some = args.peers or args.scale or args.throughput or args.tracking
     parts = [p for p, on in (("engine", args.all or not some), ("peers", args.all or args.peers),
                              ("scale", args.all or args.scale), ("train-throughput", args.all or args.throughput),
@@ -77,9 +80,13 @@ def run(args) -> int:
             result = bench.run_part(part, quick=args.quick, runs_root=args.runs, with_peers=True, say=say)
         results[part] = result
         if write:
-            if not args.report:
-                say(f"wrote {bench.save(result, results_dir)}")
-            write_section(out, SECTIONS[part], markdown(result))
+            try:
+                if not args.report:
+                    say(f"wrote {bench.save(result, results_dir)}")
+                write_section(out, SECTIONS[part], markdown(result))
+            except UserError as exc:  # the measurements are not lost: they go to stdout
+                print(json.dumps(results, allow_nan=False))
+                raise UserError(f"{exc}; the results measured so far were printed on stdout") from None
             say(f"wrote the {SECTIONS[part]} section of {out}")
     if args.json:
         print(json.dumps(results, allow_nan=False))

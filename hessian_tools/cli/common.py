@@ -1,26 +1,97 @@
-"""Flags shared by every command that builds or loads a model: the model shape flags of `train` and CKPT.
+"""Flags shared by every command: typed flag values, the one-line parse errors, the model flags and CKPT.
 
+Flag types (`positive_int`, `nonneg_int`, `seed_int`, `finite_float`, `positive_float`, `nonneg_float`,
+`probability`, `device`) check a value when it is parsed; `Parser` turns every parse error into one line
+naming the flag ("--seq-len must be a positive integer, got 0") and exit status 2.
 Each model flag maps one to one onto a GPTConfig field (MODEL_FLAGS); all default to None here, so a command
 can tell which ones the user set (`overrides_from_args`). `--data` names the text file a checkpoint's
 measurement batches come from; `--tokens`, `--tokenizer` and `--job-config` (SOURCE_FLAGS) say which tokens
 measure a checkpoint and how a torchtitan run was configured (see models.checkpoint.open_model).
 """
 
+import argparse
+import os
+import re
+
+from hessian_tools.schema import MAX_SEED, Float, Int, SchemaError, Spec
 from models.config import ARCHS, NORM_BACKENDS
+
+DEVICES = "cpu, cuda, cuda:N or auto"
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `PROG: error: FLAG must be ..., got VALUE`, exit status 2."""
+
+    def error(self, message):
+        m = re.match(r"argument (\S+?)(?:/\S+)?: (must .*)$", message)
+        if m:
+            message = f"{m.group(1)} {m.group(2)}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def flag_type(parse, spec: Spec, name: str):
+    """An argparse type: `parse(text)` (int or float) checked against `spec` (hessian_tools.schema)."""
+
+    def convert(text: str):
+        try:
+            return spec.check(parse(text), "")
+        except (ValueError, OverflowError, SchemaError):
+            raise argparse.ArgumentTypeError(f"must be {spec.expected}, got {text}") from None
+
+    convert.__name__ = name
+    return convert
+
+
+positive_int = flag_type(int, Int(low=1), "positive_int")
+nonneg_int = flag_type(int, Int(low=0), "nonneg_int")
+seed_int = flag_type(int, Int(low=0, high=MAX_SEED), "seed_int")
+finite_float = flag_type(float, Float(), "finite_float")
+positive_float = flag_type(float, Float(low=0, low_open=True), "positive_float")
+nonneg_float = flag_type(float, Float(low=0), "nonneg_float")
+probability = flag_type(float, Float(low=0, high=1, low_open=True, high_open=True), "probability")
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low."""
+    return flag_type(int, Int(low=low), f"int_at_least_{low}")
+
+
+def device(text: str) -> str:
+    """An argparse type: cpu, cuda, cuda:N or auto (whether CUDA is there is checked when it is used)."""
+    if re.fullmatch(r"cpu|auto|cuda(:\d+)?", text):
+        return text
+    why = {"meta": "meta tensors hold no data", "mps": "the Apple GPU backend is not supported (no double backward "
+           "tested there)"}.get(text.split(":")[0], "unknown device")
+    raise argparse.ArgumentTypeError(f"must be {DEVICES}, got {text} ({why})")
+
+
+def require_torchrun(flag: str = "--distributed"):
+    """UserError unless the process was started by torchrun (its environment variables are set)."""
+    from hessian_tools.errors import UserError
+
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise UserError(f"{flag} runs under torchrun (torchrun --nproc_per_node N -m hessian_tools ...), but "
+                        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; drop {flag} to run "
+                        "in one process")
+
 
 # GPTConfig field -> (flag, type, help)
 MODEL_FLAGS = {
     "arch": ("--arch", str, f"architecture: {', '.join(ARCHS)}"),
-    "dim": ("--dim", int, "model width"),
-    "n_layers": ("--layers", int, "number of blocks"),
-    "n_heads": ("--heads", int, "attention heads"),
-    "n_kv_heads": ("--kv-heads", int, "key/value heads of grouped-query attention (Llama family; default = heads)"),
-    "seq_len": ("--seq-len", int, "context length (RoPE / position table size)"),
-    "ffn_hidden": ("--ffn-hidden", int, "feed-forward width (0 = the family default)"),
-    "ffn_dim_multiplier": ("--ffn-multiplier", float, "Llama FFN width multiplier (torchtitan's ffn_dim_multiplier)"),
-    "multiple_of": ("--multiple-of", int, "Llama FFN width rounded up to a multiple of this (default 32)"),
-    "rope_theta": ("--rope-theta", float, "RoPE base (Llama family)"),
-    "norm_eps": ("--norm-eps", float, "epsilon of every norm"),
+    "dim": ("--dim", positive_int, "model width"),
+    "n_layers": ("--layers", positive_int, "number of blocks"),
+    "n_heads": ("--heads", positive_int, "attention heads"),
+    "n_kv_heads": ("--kv-heads", nonneg_int,
+                   "key/value heads of grouped-query attention (Llama family; default = heads)"),
+    "seq_len": ("--seq-len", positive_int, "context length (RoPE / position table size)"),
+    "ffn_hidden": ("--ffn-hidden", nonneg_int, "feed-forward width (0 = the family default)"),
+    "ffn_dim_multiplier": ("--ffn-multiplier", positive_float,
+                           "Llama FFN width multiplier (torchtitan's ffn_dim_multiplier)"),
+    "multiple_of": ("--multiple-of", positive_int, "Llama FFN width rounded up to a multiple of this (default 32)"),
+    "rope_theta": ("--rope-theta", positive_float, "RoPE base (Llama family)"),
+    "norm_eps": ("--norm-eps", nonneg_float, "epsilon of every norm"),
     "norm_backend": ("--norm-backend", str, f"norm implementation: {', '.join(NORM_BACKENDS)}"),
 }
 DATA_FLAG = "--data"

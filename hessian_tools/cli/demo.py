@@ -5,6 +5,7 @@ checkpoint, the SimpleNorm bound at the last one; prints a table per architectur
 A second call reuses everything the first computed (see hessian_tools.demo).
 """
 
+from hessian_tools.cli.common import at_least, nonneg_int
 from models.config import ARCHS
 
 
@@ -17,21 +18,22 @@ def add_parser(subparsers, name):
                    help="experiment directory (default demo_runs/SCALE; reused by later calls)")
     p.add_argument("--scale", default="full", choices=tuple(SCALES),
                    help="model and run sizes (default full: dim 64, 2 layers, 300 steps)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of the main runs (default: the scale's)")
+    p.add_argument("--steps", type=at_least(3), default=None, help="training steps of the main runs (default: the scale's)")
     p.add_argument("--arch", dest="archs", action="append", choices=ARCHS, default=None,
                    help="architecture (repeat for several; default all five)")
-    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: up to 2)")
+    p.add_argument("--jobs", type=nonneg_int, default=0, help="worker processes (default: up to 2)")
     p.add_argument("--figures", default=None, metavar="DIR", help="where figures go (default DIR/figures)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from hessian_tools.demo import Experiment, demo
-    from hessian_tools.errors import UserError
+    from hessian_tools.paths import output_dir
 
-    if args.steps is not None and args.steps < 3:
-        raise UserError(f"--steps must be at least 3, got {args.steps}")
     exp = Experiment(args.scale, args.out, jobs=args.jobs, archs=tuple(args.archs) if args.archs else None,
                      steps=args.steps)
+    output_dir(exp.root, "--out")  # before training for minutes
+    if args.figures is not None:
+        output_dir(args.figures, "--figures")
     demo(exp, args.figures)
     return 0

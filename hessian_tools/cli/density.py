@@ -5,24 +5,44 @@ is a sum of Gaussians of standard deviation `--width` on the grid `--grid LO HI 
 models). Writes the plot to FILE.png and the record (the object `--json` prints) to FILE.json beside it.
 """
 
+import argparse
+
+from hessian_tools.cli.common import at_least, positive_float, positive_int
 from hessian_tools.cli.measure_common import add_measure_flags
+
+
+class GridAction(argparse.Action):
+    """--grid LO HI N: finite LO < HI and an integer N >= 2, checked when parsed; stored as (lo, hi, n)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            lo, hi, n = float(values[0]), float(values[1]), float(values[2])
+        except ValueError:
+            raise argparse.ArgumentError(self, f"must be three numbers LO HI N, got {' '.join(values)}") from None
+        if not (lo < hi and hi - lo < float("inf")):
+            raise argparse.ArgumentError(self, f"must be finite LO < HI, got {values[0]} {values[1]}")
+        if not (n.is_integer() and n >= 2):
+            raise argparse.ArgumentError(self, f"must end in an integer N >= 2 (grid points), got {values[2]}")
+        setattr(namespace, self.dest, (lo, hi, int(n)))
 
 
 def add_parser(subparsers, name):
     p = subparsers.add_parser(name, help="spectral density (SLQ) plot and record", description=__doc__.splitlines()[0])
     g = p.add_argument_group("estimator")
     g.add_argument("--out", required=True, metavar="FILE.png", help="plot file; the record goes to FILE.json")
-    g.add_argument("--grid", nargs=3, type=float, default=None, metavar=("LO", "HI", "N"),
+    g.add_argument("--grid", nargs=3, action=GridAction, default=None, metavar=("LO", "HI", "N"),
                    help="density grid (default: the Ritz range padded by 5 %%, 1001 points)")
-    g.add_argument("--width", type=float, default=None, help="Gaussian width (default 1 %% of the grid range)")
-    g.add_argument("--probes", type=int, default=10, help="SLQ probes (default 10)")
-    g.add_argument("--iter", type=int, default=80, help="Lanczos steps per probe (default 80)")
+    g.add_argument("--width", type=positive_float, default=None, help="Gaussian width (default 1 %% of the grid range)")
+    g.add_argument("--probes", type=at_least(2), default=10, help="SLQ probes (at least 2; default 10)")
+    g.add_argument("--iter", type=positive_int, default=80, help="Lanczos steps per probe (default 80)")
     add_measure_flags(p, data_spread=False)
     p.set_defaults(run=run)
 
 
-def plot_density(record, path):
-    """The density on a log scale (floored at 1e-12 of its peak), with the record's settings in the title."""
+def plot_density(record) -> bytes:
+    """PNG bytes: the density on a log scale (floored at 1e-12 of its peak), the record's settings in the title."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,8 +60,10 @@ def plot_density(record, path):
     ax.set_title(f"{prov.get('arch')} step {prov.get('step')}, {where}: {record.settings['n_probes']} probes x "
                  f"{record.settings['n_iter']} steps, width {p['width']:.2g}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    return png.getvalue()
 
 
 def table(record) -> list[str]:
@@ -61,22 +83,26 @@ def run(args) -> int:
     from hessian_tools.cli.measure_common import prepare
     from hessian_tools.errors import UserError
     from hessian_tools.estimators import slq_density
+    from hessian_tools.footprint import density_bytes, require_memory
+    from hessian_tools.paths import output_file, write_atomic
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must end in .png (the record is written beside it as .json)")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the directory {out.parent} does not exist")
-    grid = None if args.grid is None else (args.grid[0], args.grid[1], int(args.grid[2]))
-    est = functools.partial(slq_density, n_probes=args.probes, n_iter=args.iter, grid=grid, width=args.width,
+    for path in (out, out.with_suffix(".json")):
+        output_file(path, "--out")  # before the computation
+    if args.grid is not None:
+        require_memory({"density grid": density_bytes(args.grid[2], args.iter)},
+                       f"--grid with {args.grid[2]:,} points")
+    est = functools.partial(slq_density, n_probes=args.probes, n_iter=args.iter, grid=args.grid, width=args.width,
                             seed=args.seed)
-    m = prepare(args)
+    m = prepare(args, lambda n: min(n, args.iter) + 16)  # one probe's Lanczos basis at a time
     record = m.run(est, "density (SLQ)", args.probes * min(args.iter, m.op.shape[0]))
     files = {"out": {"png": str(out), "json": str(out.with_suffix(".json"))}}
 
     def write(obj, final):
-        plot_density(final, out)
-        out.with_suffix(".json").write_text(json.dumps(obj, allow_nan=False) + "\n")
+        write_atomic(out.with_suffix(".json"), json.dumps(obj, allow_nan=False) + "\n", "--out")
+        write_atomic(out, plot_density(final), "--out")
 
     lines = lambda r: table(r) + [f"{'written':<14} {out}, {out.with_suffix('.json')}"]  # noqa: E731
     return m.finish(record, lines, extra=files, write=write)

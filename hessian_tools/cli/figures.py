@@ -4,6 +4,7 @@ The experiment at --scale is trained, swept and verified first (reusing whatever
 each notebook in notebooks/ runs with those results and writes its figure to --out as PNG and PDF.
 """
 
+from hessian_tools.cli.common import nonneg_int
 from models.config import ARCHS
 
 
@@ -17,7 +18,7 @@ def add_parser(subparsers, name):
     p.add_argument("--runs", default=None, metavar="DIR", help="experiment directory (default demo_runs/SCALE)")
     p.add_argument("--arch", dest="archs", action="append", choices=ARCHS, default=None,
                    help="architecture (repeat for several; default all five)")
-    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: up to 2)")
+    p.add_argument("--jobs", type=nonneg_int, default=0, help="worker processes (default: up to 2)")
     p.add_argument("--notebooks", default=None, metavar="DIR", help="notebook directory (default: the repo's)")
     p.add_argument("--executed", default=None, metavar="DIR",
                    help="keep the executed notebooks here (default: a temporary directory)")
@@ -25,8 +26,16 @@ def add_parser(subparsers, name):
 
 
 def run(args) -> int:
+    from hessian_tools.demo import DEFAULT_ROOT
     from hessian_tools.figures import render
+    from hessian_tools.paths import input_dir, output_dir
 
+    for path, flag in ((args.out, "--out"), (args.runs or DEFAULT_ROOT / args.scale, "--runs"),
+                       (args.executed, "--executed")):  # before training and sweeping for minutes
+        if path is not None:
+            output_dir(path, flag)
+    if args.notebooks is not None:
+        input_dir(args.notebooks, "--notebooks directory")
     result = render(args.scale, args.out, args.runs, args.jobs, args.archs, args.notebooks, args.executed)
     for path in result["figures"]:
         print(path)

@@ -1,6 +1,6 @@
 """`hessian-tools lr-sweep`: short runs over learning rates; the largest stable lr per architecture."""
 
-from hessian_tools.cli.common import add_model_flags
+from hessian_tools.cli.common import add_model_flags, positive_float
 from hessian_tools.cli.train import add_train_flags, train_settings
 from models.config import ARCHS
 
@@ -10,7 +10,7 @@ def add_parser(subparsers, name):
                               description=__doc__.splitlines()[0])
     p.add_argument("--arch", dest="archs", action="append", required=True, choices=ARCHS,
                    help="architecture (repeat the flag for several)")
-    p.add_argument("--lrs", type=float, nargs="+", required=True, help="learning rates to try")
+    p.add_argument("--lrs", type=positive_float, nargs="+", required=True, help="learning rates to try")
     p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (DIR/{arch}/lr_{lr}/)")
     p.add_argument("--progress", action="store_true", help="show each run's progress bar")
     add_model_flags(p, skip=("arch",))

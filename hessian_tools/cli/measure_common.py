@@ -15,7 +15,8 @@ import dataclasses
 import json
 import sys
 
-from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags
+from hessian_tools.cli.common import (add_checkpoint_argument, add_model_flags, at_least, nonneg_int, positive_int,
+                                      require_torchrun, seed_int)
 from models.config import SITE_ROLES
 
 SPACES = ("params", "activation")
@@ -36,7 +37,7 @@ def add_measure_flags(p, data_spread: bool = True):
     g.add_argument("--role", choices=SITE_ROLES, default=None,
                    help="activation site by role, the same in every architecture (with --layer): the residual "
                    "stream entering / leaving the block, the attention or FFN branch's input after any pre-norm")
-    g.add_argument("--layer", type=int, default=None, metavar="I", help="block index (0-based) of --role")
+    g.add_argument("--layer", type=nonneg_int, default=None, metavar="I", help="block index (0-based) of --role")
     g.add_argument("--params", default=None, metavar="REGEX", help="only parameters whose name matches REGEX")
     g.add_argument("--scaled", choices=SCALED, default="none",
                    help="parameter coordinates: none (raw), layer (S H S, S = rms of each tensor), elementwise "
@@ -47,16 +48,16 @@ def add_measure_flags(p, data_spread: bool = True):
                    help="evaluation dtype of the products (Krylov vectors are float64 always; default float32)")
     g.add_argument("--mode", choices=MODES, default="auto",
                    help="HVP mode (default auto: double-backward, the fastest on CPU)")
-    g.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+    g.add_argument("--memory-budget", type=positive_int, default=None, metavar="BYTES",
                    help="working memory the products may use: graphs are dropped or batches micro-batched to fit")
     d = p.add_argument_group("data")
-    d.add_argument("--batches", type=int, default=1, help="held-out measurement batches (default 1)")
-    d.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
-    d.add_argument("--seq-len", dest="measure_seq_len", type=int, default=None, metavar="T",
+    d.add_argument("--batches", type=positive_int, default=1, help="held-out measurement batches (default 1)")
+    d.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
+    d.add_argument("--seq-len", dest="measure_seq_len", type=positive_int, default=None, metavar="T",
                    help="tokens per sequence (default: the model's context length)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the batches and of the estimator (default 0)")
+    d.add_argument("--seed", type=seed_int, default=0, help="seed of the batches and of the estimator (default 0)")
     if data_spread:
-        d.add_argument("--data-spread", type=int, default=None, metavar="GROUPS",
+        d.add_argument("--data-spread", type=at_least(MIN_GROUPS), default=None, metavar="GROUPS",
                        help="data error bar: delete-one-group jackknife over GROUPS >= 8 disjoint groups of the "
                        "batches (bias-corrected estimate, standard error, 68 %% interval for the population value)")
         d.add_argument("--sample-size-curve", action="store_true",
@@ -66,7 +67,7 @@ def add_measure_flags(p, data_spread: bool = True):
                    help="under torchrun: each rank evaluates its share of the batches")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_model_flags(p, skip=("seq_len",))  # --seq-len above is the measurement length; --context-len the model's
-    p.add_argument("--context-len", dest="seq_len", type=int, default=None, metavar="T",
+    p.add_argument("--context-len", dest="seq_len", type=positive_int, default=None, metavar="T",
                    help="context length of a foreign checkpoint that does not record it")
 
 
@@ -141,6 +142,7 @@ class Measurement:
 
         Returns the exit status."""
         from hessian_tools import __version__
+        from hessian_tools.errors import UserError
 
         a = self.args
         record = dataclasses.replace(record, settings={**record.settings, "self_check": self.guard}, vectors=None)
@@ -156,7 +158,11 @@ class Measurement:
         out.update(extra or {})
         if self.talk:
             if write is not None and record.status == "ok":
-                write(out, record)
+                try:
+                    write(out, record)
+                except UserError as exc:  # what was computed is not lost: it goes to stdout
+                    print(json.dumps(out, allow_nan=False))
+                    raise UserError(f"{exc}; the record was printed on stdout instead") from None
             if a.json:
                 print(json.dumps(out, allow_nan=False))
             else:
@@ -194,11 +200,6 @@ def operator_factory(args, ckpt):
 def _check_flags(args):
     from hessian_tools.errors import UserError
 
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
-                        ("--seq-len", args.measure_seq_len or 1),
-                        ("--memory-budget", 1 if args.memory_budget is None else args.memory_budget)):
-        if value < 1:
-            raise UserError(f"{flag} must be a positive integer, got {value}")
     if (args.role is None) != (args.layer is None):
         raise UserError("--role and --layer go together: --role ROLE --layer I names block I's site of that role")
     if args.role and args.site:
@@ -215,15 +216,44 @@ def _check_flags(args):
     groups = getattr(args, "data_spread", None)
     if args.distributed and (groups is not None or getattr(args, "sample_size_curve", False)):
         raise UserError("--data-spread and --sample-size-curve do not run under --distributed; drop one of them")
-    if groups is not None and groups < MIN_GROUPS:
-        raise UserError(f"--data-spread {groups}: the jackknife needs at least {MIN_GROUPS} groups")
+    if args.distributed:
+        require_torchrun()
     if groups is not None and args.batches % groups:
         raise UserError(f"--batches {args.batches} is not a multiple of --data-spread {groups}: the groups must "
                         "be equal")
 
 
-def prepare(args) -> Measurement:
-    """Load, draw batches, build and guard the operator (one line on stderr per step that takes time)."""
+def check_memory(args, ckpt, basis_vectors):
+    """UserError (hessian_tools.footprint) when the model copy, the kept graphs and the estimator's float64
+    vectors (`basis_vectors(n)` of them, n = the operator's size) cannot fit in the available memory; checked
+    before the batches are drawn."""
+    import re
+
+    from hessian_tools.footprint import graph_bytes, krylov_bytes, model_bytes, require_memory
+
+    config, n_batches = ckpt.config, args.batches
+    rows, seq_len = args.batch_size, ckpt.measurement_seq_len(args.measure_seq_len)
+    width = 8 if args.dtype == "float64" else 4
+    if args.space == "activation":
+        n = n_batches * rows * seq_len * config.dim
+    else:
+        try:
+            chosen = re.compile(args.params or "")
+        except re.error:
+            chosen = re.compile("")  # the operator names the bad regex
+        n = sum(p.numel() for name, p in ckpt.model.named_parameters() if chosen.search(name))
+    graphs = n_batches * graph_bytes(config, rows, seq_len, width)
+    parts = {"model copy": model_bytes(config, width),
+             "kept graphs": graphs if args.memory_budget is None else min(graphs, args.memory_budget),
+             "float64 vectors": krylov_bytes(n, basis_vectors(n))}
+    require_memory(parts, f"{args.command} on {n_batches} batches of {rows} x {seq_len} tokens (operator size "
+                   f"{n:,})", next(ckpt.model.parameters()).device)
+
+
+def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
+    """Load, draw batches, build and guard the operator (one line on stderr per step that takes time).
+
+    basis_vectors(n): how many float64 vectors of the operator's size n the estimator keeps (memory check)."""
     from hessian_tools.cli.common import open_from_args
     from hessian_tools.errors import UserError
     from hessian_tools.operators import ScaledOperator, self_check
@@ -241,6 +271,7 @@ def prepare(args) -> Measurement:
         args.site = role_site(ckpt.model, args.role, args.layer)
     if args.space == "activation" and not args.site:
         raise UserError(f"--space activation needs --site NAME; valid sites: {', '.join(list_sites(ckpt.model))}")
+    check_memory(args, ckpt, basis_vectors)
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
     make_op = operator_factory(args, ckpt)
     if args.distributed:
@@ -252,10 +283,17 @@ def prepare(args) -> Measurement:
         op = local = make_op(batches)
     guard = self_check(local.op if isinstance(local, ScaledOperator) else local, seed=args.seed)
     m = Measurement(args, ckpt, batches, op, local, rank, guard)
-    m.say(f"self-check ({guard['dtype']}, mode {guard['mode']}): finite, asymmetry {guard['symmetry_rel']:.1e} "
-          f"(tol {guard['tolerances']['symmetry']:.0e}), differences {guard['difference_rel']:.1e} "
-          f"(tol {guard['tolerances']['difference']:.0e}): ok")
+    m.say(guard_line(guard))
     return m
+
+
+def guard_line(guard: dict) -> str:
+    """The self-check's report in one line (with the gradient's noise floor and the step, when it adapted)."""
+    floor = "" if guard["noise_floor_rel"] is None else \
+        f" at step {guard['difference_step']:.0e} (the gradient's noise floor is {guard['noise_floor_rel']:.0e})"
+    return (f"self-check ({guard['dtype']}, mode {guard['mode']}): finite, asymmetry {guard['symmetry_rel']:.1e} "
+            f"(tol {guard['tolerances']['symmetry']:.0e}), differences {guard['difference_rel']:.1e} "
+            f"(tol {guard['tolerances']['difference']:.0e}){floor}: ok")
 
 
 def error_meaning(record) -> str:

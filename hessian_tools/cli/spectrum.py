@@ -9,6 +9,7 @@ interval is within tol * |theta| or at the rounding floor. Power iteration finds
 eigenvalues; its upper side tightens slowly.
 """
 
+from hessian_tools.cli.common import positive_float, positive_int, probability
 from hessian_tools.cli.measure_common import add_measure_flags
 
 WHICH = ("largest", "smallest", "both", "magnitude")
@@ -19,13 +20,13 @@ def add_parser(subparsers, name):
                               description=__doc__.splitlines()[0])
     g = p.add_argument_group("estimator")
     g.add_argument("--method", choices=("lanczos", "power"), default="lanczos", help="default lanczos")
-    g.add_argument("--k", type=int, default=1, help="eigenvalues wanted (at each end for --which both; default 1)")
+    g.add_argument("--k", type=positive_int, default=1, help="eigenvalues wanted (at each end for --which both; default 1)")
     g.add_argument("--which", choices=WHICH, default=None,
                    help="default largest (lanczos) / magnitude (power, which finds only those)")
-    g.add_argument("--tol", type=float, default=1e-6, help="relative tolerance on the interval (default 1e-6)")
-    g.add_argument("--failure-probability", type=float, default=1e-3,
+    g.add_argument("--tol", type=positive_float, default=1e-6, help="relative tolerance on the interval (default 1e-6)")
+    g.add_argument("--failure-probability", type=probability, default=1e-3,
                    help="allowed probability that the uncertified side fails (default 1e-3)")
-    g.add_argument("--max-iter", type=int, default=None,
+    g.add_argument("--max-iter", type=positive_int, default=None,
                    help="HVP limit (default: lanczos min(n, 100 + 10 k); power 1000 per eigenvalue)")
     add_measure_flags(p)
     p.set_defaults(run=run)
@@ -38,8 +39,6 @@ def estimator(args):
     from hessian_tools.errors import UserError
     from hessian_tools.estimators import lanczos, power_iteration
 
-    if not 0 < args.failure_probability < 1:
-        raise UserError(f"--failure-probability must lie in (0, 1), got {args.failure_probability}")
     if args.method == "power":
         if args.which not in (None, "magnitude"):
             raise UserError(f"--method power finds the largest-magnitude eigenvalues only; use --which magnitude "
@@ -49,6 +48,14 @@ def estimator(args):
                                  failure_probability=args.failure_probability, **limit)
     return functools.partial(lanczos, k=args.k, which=args.which or "largest", tol=args.tol, max_iter=args.max_iter,
                              seed=args.seed, failure_probability=args.failure_probability)
+
+
+def basis_vectors(args):
+    """n -> the float64 vectors the estimator keeps: Lanczos' basis (grown in blocks of 16), power's k + 2."""
+    if args.method == "power":
+        return lambda n: args.k + 2
+    wanted = args.k * (2 if args.which == "both" else 1)
+    return lambda n: min(n, args.max_iter or 100 + 10 * wanted) + 16
 
 
 def table(record) -> list[str]:
@@ -71,6 +78,6 @@ def run(args) -> int:
     from hessian_tools.cli.measure_common import prepare
 
     est = estimator(args)  # flag errors before the (slow) load
-    m = prepare(args)
+    m = prepare(args, basis_vectors(args))
     record = m.run(m.solver(est), f"spectrum ({args.method})")
     return m.finish(record, table, m.spread(est, "spectrum", union=record))

@@ -5,6 +5,7 @@ Same operator flags as `spectrum`. Hutchinson uses `--samples` Rademacher probes
 Hutch++ spends `--samples` HVPs (a multiple of 3 is used).
 """
 
+from hessian_tools.cli.common import positive_float, positive_int
 from hessian_tools.cli.measure_common import add_measure_flags
 
 
@@ -12,8 +13,8 @@ def add_parser(subparsers, name):
     p = subparsers.add_parser(name, help="Hessian trace with a standard error", description=__doc__.splitlines()[0])
     g = p.add_argument_group("estimator")
     g.add_argument("--method", choices=("hutchinson", "hutchpp"), default="hutchinson", help="default hutchinson")
-    g.add_argument("--samples", type=int, default=100, help="probes (Hutchinson) or HVPs (Hutch++); default 100")
-    g.add_argument("--target-std-error", type=float, default=None,
+    g.add_argument("--samples", type=positive_int, default=100, help="probes (Hutchinson) or HVPs (Hutch++); default 100")
+    g.add_argument("--target-std-error", type=positive_float, default=None,
                    help="Hutchinson: stop once the standard error is at most this")
     add_measure_flags(p)
     p.set_defaults(run=run)
@@ -47,6 +48,6 @@ def run(args) -> int:
     from hessian_tools.cli.measure_common import prepare
 
     est = estimator(args)
-    m = prepare(args)
+    m = prepare(args, lambda n: args.samples if args.method == "hutchpp" else 3)  # Hutch++ keeps its sketch
     total = args.samples if args.target_std_error is None else None
     return m.finish(m.run(est, f"trace ({args.method})", total), table, m.spread(est, "trace"))

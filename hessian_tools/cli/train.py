@@ -12,32 +12,33 @@ import signal
 import sys
 import threading
 
-from hessian_tools.cli.common import add_model_flags
+from hessian_tools.cli.common import (add_model_flags, at_least, device, nonneg_float, nonneg_int, positive_float,
+                                     positive_int, probability, seed_int)
 
 # flag dest -> (flag, type, help[, choices]) of the optimisation settings (TrainConfig fields)
 TRAIN_FLAGS = {
-    "batch_size": ("--batch-size", int, "sequences per step"),
-    "steps": ("--steps", int, "optimizer updates"),
-    "lr": ("--lr", float, "peak learning rate"),
-    "warmup": ("--warmup", int, "linear warm-up steps"),
+    "batch_size": ("--batch-size", positive_int, "sequences per step"),
+    "steps": ("--steps", positive_int, "optimizer updates"),
+    "lr": ("--lr", positive_float, "peak learning rate"),
+    "warmup": ("--warmup", nonneg_int, "linear warm-up steps"),
     "schedule": ("--schedule", str, "after warm-up: linear decay to 0, or constant", ("linear", "constant")),
     "optimizer": ("--optimizer", str, "adamw, or sgd: plain gradient descent (no momentum, weight decay or clipping)",
                   ("adamw", "sgd")),
-    "weight_decay": ("--weight-decay", float, "AdamW weight decay of linear-map weights (default 0.1; sgd: 0)"),
-    "grad_clip": ("--grad-clip", float, "global gradient-norm clip, 0 = off (default 1.0; sgd: 0)"),
-    "train_subset": ("--train-subset", int, "train on N fixed sequences of the training split (0 = all of it); "
-                                            "--batch-size N makes every step full-batch"),
-    "seed": ("--seed", int, "seed of initialisation and batches"),
-    "save_every": ("--save-every", int, "checkpoint every N steps (0 = only the last)"),
-    "device": ("--device", str, "cpu, cuda or auto"),
-    "track_every": ("--track-sharpness", int, "EVERY: measure the sharpness at steps 0, EVERY, 2 EVERY, ... and the "
-                                              "last (0 = off)"),
-    "track_batches": ("--track-batches", int, "held-out batches the sharpness is measured on (the training subset "
-                                              "instead, with --train-subset)"),
-    "track_batch_size": ("--track-batch-size", int, "sequences per tracking batch"),
-    "track_tol": ("--track-tol", float, "Lanczos stops when its interval is within this relative width"),
-    "track_hvps": ("--track-hvps", int, "at most this many Lanczos steps (HVPs) per tracked eigenvalue; float32 "
-                                        "adds 4 products that measure the rounding"),
+    "weight_decay": ("--weight-decay", nonneg_float, "AdamW weight decay of linear-map weights (default 0.1; sgd: 0)"),
+    "grad_clip": ("--grad-clip", nonneg_float, "global gradient-norm clip, 0 = off (default 1.0; sgd: 0)"),
+    "train_subset": ("--train-subset", nonneg_int, "train on N fixed sequences of the training split (0 = all of "
+                                                   "it); --batch-size N makes every step full-batch"),
+    "seed": ("--seed", seed_int, "seed of initialisation and batches"),
+    "save_every": ("--save-every", nonneg_int, "checkpoint every N steps (0 = only the last)"),
+    "device": ("--device", device, "cpu, cuda, cuda:N or auto"),
+    "track_every": ("--track-sharpness", nonneg_int, "EVERY: measure the sharpness at steps 0, EVERY, 2 EVERY, ... "
+                                                     "and the last (0 = off)"),
+    "track_batches": ("--track-batches", positive_int, "held-out batches the sharpness is measured on (the training "
+                                                       "subset instead, with --train-subset)"),
+    "track_batch_size": ("--track-batch-size", positive_int, "sequences per tracking batch"),
+    "track_tol": ("--track-tol", probability, "Lanczos stops when its interval is within this relative width"),
+    "track_hvps": ("--track-hvps", at_least(2), "at most this many Lanczos steps (HVPs) per tracked eigenvalue; "
+                                                "float32 adds 4 products that measure the rounding"),
     "track_dtype": ("--track-dtype", str, "dtype of the tracking's Hessian-vector products", ("float32", "float64")),
 }
 DIVERGED_EXIT = 3

@@ -5,7 +5,7 @@ with its Lanczos residual bound, the bound, bound / measured, ||C|| / ||GN||, an
 Exit status 4 when a bound is violated beyond the error bar (the layer is named on stderr).
 """
 
-from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags
+from hessian_tools.cli.common import add_checkpoint_argument, add_model_flags, positive_float, positive_int, seed_int
 
 EXIT_VIOLATED = 4
 
@@ -14,12 +14,12 @@ def add_parser(subparsers, name):
     p = subparsers.add_parser(name, help="check the SimpleNorm Hessian bound on every layer of a checkpoint",
                               description=__doc__.splitlines()[0])
     add_checkpoint_argument(p)
-    p.add_argument("--batches", type=int, default=1, help="measurement batches (default 1)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default 4)")
+    p.add_argument("--batches", type=positive_int, default=1, help="measurement batches (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per batch (default 4)")
     p.add_argument("--layers", default=None, metavar="REGEX", help="only layers whose name matches REGEX")
-    p.add_argument("--tol", type=float, default=1e-6, help="Lanczos relative tolerance (default 1e-6)")
-    p.add_argument("--scale", type=float, default=2.0, help="factor c of the weight-scale check (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the measurement batches and Lanczos start")
+    p.add_argument("--tol", type=positive_float, default=1e-6, help="Lanczos relative tolerance (default 1e-6)")
+    p.add_argument("--scale", type=positive_float, default=2.0, help="factor c of the weight-scale check (default 2)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the measurement batches and Lanczos start")
     p.add_argument("--json", action="store_true", help='print {"layers": [...]} as one JSON object')
     add_model_flags(p, skip=("n_layers",))  # --layers here selects the layers to verify
     p.set_defaults(run=run)
@@ -44,17 +44,17 @@ def run(args) -> int:
     import torch
 
     from hessian_tools.cli.common import open_from_args
+    from hessian_tools.cli.measure_common import guard_line
     from hessian_tools.errors import UserError
     from hessian_tools.operators import ParamHessian, self_check
     from theory.verify import Settings, verify_bound
 
-    if args.tol <= 0 or args.scale <= 0 or args.scale == 1:
-        raise UserError("--tol must be positive and --scale positive and not 1")
+    if args.scale == 1:
+        raise UserError("--scale 1 leaves the weights as they are: the weight-scale check needs a factor other than 1")
     ckpt = open_from_args(args)
     batches = ckpt.measurement_batches(args.batches, args.batch_size, seed=args.seed)
     guard = self_check(ParamHessian(ckpt.model, batches[:1], dtype=torch.float64), seed=args.seed)
-    print(f"self-check passed: asymmetry {guard['symmetry_rel']:.1e}, differences {guard['difference_rel']:.1e}",
-          file=sys.stderr)
+    print(guard_line(guard), file=sys.stderr)
     settings = Settings(tol=args.tol, scale=args.scale, seed=args.seed)
     progress = None if args.json else (lambda name: print(f"measuring {name} ...", file=sys.stderr))
     rows = verify_bound(ckpt.model, batches, args.layers, settings, progress)

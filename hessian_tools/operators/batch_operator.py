@@ -112,6 +112,8 @@ class BatchOperator(CurvatureOperator):
             stop = min(rows, start + rows_per_term)
             sub = split_rows(batch, start, stop)
             weight = self.weights[b] * loss_terms(sub, self.batch_weight) / self.loss_terms[b]
+            if weight == 0:  # rows without a loss term (all padding) add nothing
+                continue
             if per_row is None:  # parameter space: every term acts on the whole vector
                 terms.append(Term(b, sub, weight, point, off, size, shapes, (start, stop)))
             else:

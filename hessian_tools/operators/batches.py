@@ -1,7 +1,10 @@
 """Batches of a mean loss and their weights, and the operator's private copy of the model.
 
-Weighting: batch b gets w_b = m_b / sum_c m_c, m_b = `batch_weight(batch)` or, by default, the number of
-targets `batch[-1].numel()`; with per-batch mean losses L_b, sum_b w_b L_b is the mean loss on the union.
+A batch is a tuple (inputs, ..., targets) or a mapping in Hugging Face's convention (see `losses.py`).
+Weighting: batch b gets w_b = m_b / sum_c m_c, m_b = `batch_weight(batch)` or, by default, its number of loss
+terms (`losses.count_loss_terms`: targets other than -100, the ignore index of cross-entropy and Hugging
+Face's padding label); with per-batch mean losses L_b, sum_b w_b L_b is the mean loss on the union. Micro-batches
+of rows (the memory plan) are weighted the same way, and rows without a loss term are left out.
 """
 
 import copy
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from hessian_tools.errors import UserError
+from hessian_tools.operators.losses import IGNORE_INDEX, count_loss_terms, is_mapping
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -60,12 +64,17 @@ def prepare_batches(batches, dtype: torch.dtype, device: torch.device, batch_wei
         raise UserError("no batches given; pass a non-empty list of batches, e.g. [(idx, targets)]")
     moved, weights = [], []
     for b, batch in enumerate(batches):
-        if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or not batch:
-            raise UserError(f"batch {b} is not a non-empty tuple of tensors such as (inputs, targets)")
-        batch = tuple(_move(t, dtype, device) for t in batch)
+        if is_mapping(batch) and batch:
+            batch = {k: _move(t, dtype, device) for k, t in batch.items()}
+        elif isinstance(batch, (tuple, list)) and batch:
+            batch = tuple(_move(t, dtype, device) for t in batch)
+        else:
+            raise UserError(f"batch {b} is not a non-empty tuple of tensors such as (inputs, targets), nor a mapping "
+                            "such as {'input_ids': ..., 'labels': ...}")
         m = loss_terms(batch, batch_weight)
         if not math.isfinite(m) or m <= 0:
-            raise UserError(f"batch {b} has weight {m}; every batch needs a positive number of loss terms")
+            why = f" (all its targets are the ignore index {IGNORE_INDEX})" if batch_weight is None else ""
+            raise UserError(f"batch {b} has weight {m}{why}; every batch needs a positive number of loss terms")
         moved.append(batch)
         weights.append(m)
     total = sum(weights)
@@ -73,13 +82,17 @@ def prepare_batches(batches, dtype: torch.dtype, device: torch.device, batch_wei
 
 
 def loss_terms(batch, batch_weight=None) -> float:
-    """m_b: `batch_weight(batch)`, or the number of targets `batch[-1].numel()` by default."""
-    return float(batch_weight(batch)) if batch_weight is not None else float(batch[-1].numel())
+    """m_b: `batch_weight(batch)`, or the number of loss terms (`losses.count_loss_terms`) by default."""
+    return float(batch_weight(batch)) if batch_weight is not None else float(count_loss_terms(batch))
+
+
+def _entries(batch) -> list:
+    return list(batch.values()) if is_mapping(batch) else list(batch)
 
 
 def batch_rows(batch) -> int:
     """The number of rows (sequences) of a batch: the length of the leading axis of its first tensor."""
-    first = batch[0]
+    first = _entries(batch)[0]
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 1
 
 
@@ -90,8 +103,8 @@ def split_rows(batch, start: int, stop: int):
     losses sum to the batch's mean loss when rows are independent (a GPT in eval mode: sequences do not
     interact)."""
     rows = batch_rows(batch)
-    return tuple(t[start:stop] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == rows else t
-                 for t in batch)
+    cut = lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == rows else t  # noqa: E731
+    return {k: cut(t) for k, t in batch.items()} if is_mapping(batch) else tuple(cut(t) for t in batch)
 
 
 def _move(t, dtype, device):

@@ -1,8 +1,9 @@
 """The generalized Gauss-Newton matrix G = sum_b w_b J_b^T H_b J_b of the same mean loss.
 
 J_b = d outputs / dx (x = parameters or an activation, as in `ParamHessian` / `ActivationHessian`) and
-H_b = the Hessian of the loss w.r.t. the outputs (logits). For the default mean cross-entropy over the N
-non-ignored targets, H_b = (1/N) blockdiag_i(diag(p_i) - p_i p_i^T), p_i = softmax(logits_i): G is then
+H_b = the Hessian of the loss w.r.t. the outputs (logits, `losses.output_logits`: tuple or Hugging Face mapping
+batches, outputs with `.logits`). For the default mean cross-entropy over the N non-ignored targets,
+H_b = (1/N) blockdiag_i(diag(p_i) - p_i p_i^T) over those targets, p_i = softmax(logits_i): G is then
 positive semi-definite. H - G is the part of the Hessian from the curvature of the network (sum_k dL/dz_k
 times the Hessian of output k). Products are a jvp, H_b u in closed form, and a vjp; G is never materialised.
 """
@@ -14,24 +15,13 @@ import torch
 from hessian_tools.errors import UserError
 from hessian_tools.operators.batch_operator import BatchOperator
 from hessian_tools.operators.hvp import GaussNewtonProduct
+from hessian_tools.operators.losses import IGNORE_INDEX, cross_entropy, output_logits, targets_of
 from hessian_tools.operators.spaces import ActivationSpace, ParamSpace
-
-IGNORE_INDEX = -100
-
-
-def default_output(model, batch):
-    """Logits model(batch[0])."""
-    return model(batch[0])
-
-
-def cross_entropy(logits, batch):
-    """Mean cross-entropy of logits (..., V) against targets batch[-1] (...), ignoring IGNORE_INDEX."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), batch[-1].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def cross_entropy_hvp(logits, u, batch):
-    """Closed-form Hessian of `cross_entropy` w.r.t. the logits, applied to u: (p * u - p (p . u)) / N."""
-    mask = (batch[-1] != IGNORE_INDEX).unsqueeze(-1)
+    """Closed-form Hessian of `losses.cross_entropy` w.r.t. the logits, applied to u: (p * u - p (p . u)) / N."""
+    mask = (targets_of(batch) != IGNORE_INDEX).unsqueeze(-1)
     p = torch.softmax(logits, dim=-1)
     pu = p * u
     return (pu - p * pu.sum(-1, keepdim=True)) * mask / mask.sum()
@@ -40,7 +30,8 @@ def cross_entropy_hvp(logits, u, batch):
 class GaussNewton(BatchOperator):
     """GGN w.r.t. the parameters (`params` as in ParamHessian) or at an activation `site` (not both).
 
-    `output_fn(model, batch) -> outputs` (default: model(batch[0])) and `output_loss(outputs, batch) -> scalar`
+    `output_fn(model, batch) -> outputs` (default: the logits, `losses.output_logits`) and
+    `output_loss(outputs, batch) -> scalar`
     (default: mean cross-entropy, whose output Hessian is used in closed form; a custom `output_loss` is
     differentiated twice by jvp-of-grad, and G is PSD only if it is convex in the outputs).
     """
@@ -55,7 +46,7 @@ class GaussNewton(BatchOperator):
         self._options = dict(site=site, params=params, output_fn=output_fn, output_loss=output_loss,
                              keep_graph=keep_graph, batch_weight=batch_weight, chunk=chunk,
                              memory_budget=memory_budget)
-        self.output_fn = output_fn or default_output
+        self.output_fn = output_fn or output_logits
         self.output_loss = output_loss or cross_entropy
         self.closed_form = output_loss is None
         if site is None:

@@ -4,13 +4,13 @@ import torch
 
 from hessian_tools.operators.batch_operator import BatchOperator
 from hessian_tools.operators.hvp import ENGINES
+from hessian_tools.operators.losses import mean_cross_entropy
 
 
 def default_loss(model, batch):
-    """Mean next-token cross-entropy (models.gpt.next_token_loss)."""
-    from models.gpt import next_token_loss
-
-    return next_token_loss(model, batch)
+    """Mean next-token cross-entropy over the batch's loss terms, for any model whose output holds logits
+    (`losses.mean_cross_entropy`: tuple or Hugging Face mapping batches, targets -100 ignored)."""
+    return mean_cross_entropy(model, batch)
 
 
 class HessianOperator(BatchOperator):

@@ -2,6 +2,9 @@
 
 `SiteProbe` hooks the site of a model so that a perturbation `delta` (the activation's shape) is added to
 the activation; differentiating the loss w.r.t. delta at 0 differentiates it w.r.t. the activation.
+A site is usable when its module runs once per forward pass, the activation there is a float tensor and the
+logits depend on it; `list_sites` lists only those (third-party modules also return tuples, e.g. Hugging
+Face's attention, or read an input only for its dtype, e.g. its rotary embedding).
 """
 
 import torch
@@ -10,16 +13,81 @@ from torch import nn
 from hessian_tools.errors import UserError
 
 
-def list_sites(model: nn.Module) -> list[str]:
-    """The valid site names of `model` (see models.sites.list_sites)."""
+def _names(model: nn.Module) -> list[str]:
     from models.sites import list_sites as names
 
     return names(model)
 
 
+def _example(model: nn.Module):
+    """A two-token batch for a model that says its vocabulary (Hugging Face's config.vocab_size), else None."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device)}
+
+
+def usable_sites(model: nn.Module, batch, names=None) -> list[str]:
+    """The sites among `names` (default: every candidate) that one forward and backward pass on `batch` (a tuple
+    whose first entry is the input, or a Hugging Face mapping) finds usable: reached once, a float tensor, and
+    the logits depend on it (a zero leaf added there gets a gradient)."""
+    from hessian_tools.operators.losses import output_logits
+    from hessian_tools.operators.spaces import math_path
+
+    names = _names(model) if names is None else names
+    calls: dict = {}
+    leaves: dict = {}
+
+    def tap(site, value):
+        calls[site] = calls.get(site, 0) + 1
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            return value
+        leaves[site] = torch.zeros_like(value, requires_grad=True)
+        return value + leaves[site]
+
+    handles = []
+    for name in {site.rsplit(":", 1)[0] for site in names}:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, name=name: (tap(f"{name}:in", args[0]), *args[1:]) if args else None))
+        handles.append(module.register_forward_hook(lambda m, args, out, name=name: tap(f"{name}:out", out)))
+    try:
+        with torch.enable_grad(), math_path():
+            logits = output_logits(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sites = list(leaves)
+    grads = torch.autograd.grad(logits.sum(), [leaves[s] for s in sites], allow_unused=True) if sites else ()
+    reached = {site for site, g in zip(sites, grads) if g is not None}
+    return [site for site in names if calls.get(site) == 1 and site in reached]
+
+
+def list_sites(model: nn.Module, batch=None) -> list[str]:
+    """The usable site names of `model` (see models.sites.list_sites for the candidates and the module
+    docstring for "usable"). The toolkit's GPTs: all candidates. Another model: those a forward pass on `batch`
+    (default: two tokens, for a model with config.vocab_size such as Hugging Face's) finds usable; without a
+    batch it can make, every candidate."""
+    from models.gpt import LlamaGPT, NanoGPT
+
+    names = _names(model)
+    if isinstance(model, (LlamaGPT, NanoGPT)):
+        return names
+    batch = batch if batch is not None else _example(model)
+    if batch is None:
+        return names
+    was_training = model.training
+    model.eval()
+    try:
+        return usable_sites(model, batch, names)
+    finally:
+        model.train(was_training)
+
+
 def resolve_site(model: nn.Module, site: str) -> tuple[nn.Module, str]:
     """(module, "in" | "out") for a site name; UserError listing the valid names if it is unknown."""
-    valid = list_sites(model)
+    valid = _names(model)
     if not isinstance(site, str) or site not in valid:
         shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
         raise UserError(f"unknown site {site!r}; valid sites: {shown}")

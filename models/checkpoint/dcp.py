@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from hessian_tools.errors import UserError
+from hessian_tools.paths import input_file, is_directory, is_regular
 from models.checkpoint.files import first_line, read_torch
 from models.checkpoint.nanogpt import ADAM_FIELDS
 from models.checkpoint.state_dict import clean_name
+from models.schemas import check_step
 
 METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -79,7 +81,7 @@ def read_metadata(path: Path):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-    file = path / METADATA
+    file = input_file(path / METADATA, "DCP metadata file")
     try:
         with open(file, "rb") as f:
             meta = _MetadataUnpickler(f, _allowed_globals()).load()
@@ -116,8 +118,8 @@ class DcpReader:
             raise UserError(f"{self.path / METADATA}: {key} is stored in {name!r}, not in a file of the directory")
         file = self.path / name
         if name not in self.sizes:
-            if not file.is_file():
-                raise UserError(f"{file}: missing; the DCP directory is incomplete")
+            if not is_regular(file):
+                raise UserError(f"{file}: missing or not a regular file; the DCP directory is incomplete")
             self.sizes[name] = file.stat().st_size
         offset, length = info.offset, info.length
         if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset and 0 <= length
@@ -166,12 +168,12 @@ class DcpReader:
 
 
 def is_dcp(path: Path) -> bool:
-    return path.is_dir() and (path / METADATA).is_file()
+    return is_directory(path) and is_regular(path / METADATA)
 
 
 def step_dirs(folder: Path) -> list[Path]:
     """torchtitan's complete checkpoints in a folder (`step-N/` holding a .metadata), sorted by step."""
-    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and is_dcp(p)] if folder.is_dir() else []
+    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and is_dcp(p)] if is_directory(folder) else []
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -218,7 +220,7 @@ def read_dcp(path: Path):
             "stored_dtype": ",".join(dtypes)}
     step = None
     if "train_state.step" in reader.tensors:
-        step = int(reader.tensor("train_state.step"))
+        step = check_step(reader.tensor("train_state.step"), str(path / METADATA), "train_state.step")
     elif STEP_DIR.match(path.name):
         step = int(STEP_DIR.match(path.name).group(1))
     if not has_optimizer:

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hessian_tools.errors import UserError
+from hessian_tools.paths import input_file
 
 
 def first_line(exc: Exception) -> str:
@@ -19,6 +20,7 @@ def first_line(exc: Exception) -> str:
 
 
 def read_safetensors(file: Path) -> dict:
+    input_file(file, "weights file")  # a FIFO would block the reader
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -27,6 +29,8 @@ def read_safetensors(file: Path) -> dict:
 
 def read_torch(file, what: str = "file"):
     """torch.load(weights_only=True) of a file path or a seekable binary stream (`what` names it in errors)."""
+    if isinstance(file, (str, Path)):
+        input_file(file, "checkpoint file")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

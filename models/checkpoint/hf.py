@@ -10,64 +10,56 @@ The same permutation of q and k leaves every attention score, hence the logits, 
 are linear maps of the tensors, so `to_toolkit` also carries a direction (e.g. an HVP probe) across.
 """
 
-import json
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from hessian_tools.errors import UserError
-from models.checkpoint.files import first_line, read_weights
+from hessian_tools.paths import is_directory, is_regular
+from hessian_tools.schema import MapOf, Obj, Str, check
+from models.checkpoint.files import read_weights
 from models.foreign_names import HF_GPT2_CONFIG, HF_GPT2_CONV1D, HF_LLAMA_CONFIG, HF_LLAMA_NAMES
+from models.schemas import HF_GPT2, HF_LLAMA, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
+HF_CONFIG = Obj({"model_type": Str()}, optional=("model_type",), extra=True)
+SHARD_INDEX = Obj({"weight_map": MapOf(Str(nonempty=True))}, extra=True)
+
+
 def is_hf(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    return is_directory(path) and is_regular(path / "config.json")
 
 
 def _config(path: Path) -> dict:
-    file = path / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{file}: not a valid Hugging Face config ({first_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file}: not a valid Hugging Face config (a JSON object is expected)")
-    return config
+    return read_json(path / "config.json", HF_CONFIG, "Hugging Face config")
 
 
 def _weights(path: Path) -> dict:
     for name in WEIGHT_FILES:
         file = path / name
-        if not file.is_file():
+        if not os.path.lexists(file):
             continue
         if not name.endswith(".index.json"):
             return read_weights(file)
-        try:
-            shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{file}: not a valid shard index ({first_line(exc)})") from None
+        shards = sorted(set(read_json(file, SHARD_INDEX, "shard index")["weight_map"].values()))
         state = {}
         for shard in shards:
-            if Path(shard).name != shard or not (path / shard).is_file():
+            if Path(shard).name != shard or not os.path.lexists(path / shard):
                 raise UserError(f"{file}: names shard {shard!r}, which is not a file of {path}")
             state.update(read_weights(path / shard))
         return state
     raise UserError(f"{path}: has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
 
 
-OPTIONAL = ("tie_word_embeddings", "num_key_value_heads")  # absent: untied, and plain multi-head attention
-
-
-def _settings(config: dict, table: dict, file) -> dict:
-    missing = [k for k in table if k not in config and k not in OPTIONAL]
-    if missing:
-        raise UserError(f"{file}: config.json lacks {', '.join(missing)}")
-    return {field: config[key] for key, field in table.items() if key in config}
+def _settings(config: dict, table: dict) -> dict:
+    """GPTConfig settings from a checked config (absent or null optional keys: untied, plain multi-head)."""
+    return {field: config[key] for key, field in table.items() if config.get(key) is not None}
 
 
 def _refuse(file, field, value, why):
@@ -75,7 +67,7 @@ def _refuse(file, field, value, why):
 
 
 def _rope_theta(config: dict, file) -> float:
-    params = config.get("rope_parameters") or {}
+    params = config.get("rope_parameters") or {}  # both checked by HF_LLAMA
     scaling = config.get("rope_scaling") or {}
     kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if kind != "default":
@@ -84,7 +76,8 @@ def _rope_theta(config: dict, file) -> float:
 
 
 def llama_settings(config: dict, file) -> dict:
-    settings = {"arch": "llama2", **_settings(config, HF_LLAMA_CONFIG, file), "rope_theta": _rope_theta(config, file)}
+    config = check(config, HF_LLAMA, str(file))
+    settings = {"arch": "llama2", **_settings(config, HF_LLAMA_CONFIG), "rope_theta": _rope_theta(config, file)}
     for field, wanted in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(field, wanted) != wanted:
             _refuse(file, field, config[field], f"the toolkit's llama2 has {wanted}")
@@ -95,7 +88,8 @@ def llama_settings(config: dict, file) -> dict:
 
 
 def gpt2_settings(config: dict, file) -> dict:
-    settings = {"arch": "gpt2", **_settings(config, HF_GPT2_CONFIG, file), "bias": True}
+    config = check(config, HF_GPT2, str(file))
+    settings = {"arch": "gpt2", **_settings(config, HF_GPT2_CONFIG), "bias": True}
     act = config.get("activation_function", "gelu_new")
     if act not in GELU:
         _refuse(file, "activation_function", act, f"not one of {', '.join(GELU)}")

@@ -13,13 +13,18 @@ overrides (models.checkpoint.state_dict); its measurement tokens from models.tok
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from hessian_tools.errors import UserError
+from hessian_tools.footprint import model_bytes, require_memory
+from hessian_tools.paths import input_dir, input_file, is_directory
+from hessian_tools.schema import check
 from models import data as data_mod
 from models.checkpoint.dcp import is_dcp, read_dcp, step_dirs
 from models.checkpoint.files import read_safetensors, read_torch
@@ -30,6 +35,7 @@ from models.checkpoint.state_dict import check_state, clean, complete_tied_head,
 from models.config import GPTConfig
 from models.gpt import build_model
 from models.job_config import read_job_config
+from models.schemas import ADAM_SETTINGS, plain
 from models.tokens import (TOKEN_FLAG, TOKENIZER_FLAG, TokenOptions, TokenStream, char_stream, token_file_stream,
                            tokenizer_stream)
 
@@ -89,7 +95,8 @@ class Checkpoint:
         settings = self.adam_reader() if self.adam_reader is not None else None
         if not settings:
             raise UserError(f"{self.path}: records no optimizer settings (lr, betas, eps)")
-        return settings
+        return {name: check(plain(s), ADAM_SETTINGS, str(self.path), f"optimizer settings of {name}")
+                for name, s in settings.items()}
 
     def peak_lr(self) -> float | None:
         """The schedule's peak learning rate, where the source records it (a toolkit run's train config, a
@@ -151,22 +158,30 @@ class Checkpoint:
         arguments. seq_len defaults to the training length a job config gives, else the model's context."""
         stream = self.token_stream
         stream.check_vocab(self.config.vocab_size, str(self.path))
+        return stream.batches(n_batches, batch_size, self.measurement_seq_len(seq_len), seed)
+
+    def measurement_seq_len(self, seq_len: int | None = None) -> int:
+        """The length of measurement windows: seq_len, else the training length a job config gives, else the
+        model's context; UserError beyond the context."""
         default = min(self.settings_from.get("training_seq_len") or self.config.seq_len, self.config.seq_len)
         seq_len = default if seq_len is None else seq_len
         if seq_len > self.config.seq_len:
             raise UserError(f"seq_len {seq_len} exceeds the model's context length {self.config.seq_len}")
-        return stream.batches(n_batches, batch_size, seq_len, seed)
+        return seq_len
 
 
 def _resolve(path: Path) -> Path:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UserError(f"{path}: no such checkpoint file or directory")
-    if path.is_dir() and not (is_native(path) or is_dcp(path) or is_hf(path)):
+    if not is_directory(path):
+        return input_file(path, "checkpoint file")  # a FIFO or device is refused before it is opened
+    input_dir(path, "checkpoint directory")
+    if not (is_native(path) or is_dcp(path) or is_hf(path)):
         found = list_checkpoints(path) or step_dirs(path)
         if not found:
             raise UserError(f"{path}: holds no checkpoint (no ckpt_NNNNNNN/ with a meta.json, no DCP .metadata or "
                             "step-N/ directory, no Hugging Face config.json)")
-        return found[-1]
+        return input_dir(found[-1], "checkpoint directory")
     return path
 
 
@@ -223,8 +238,12 @@ def open_model(source, *, tokens=None, tokenizer=None, data=None, job_config=Non
         if job is not None:
             settings_from.update(job_config=job.provenance(), training_seq_len=job.training_seq_len)
             hint = f" (the job config {job.path} says {job.model_name} {job.flavor}: is it this run's?)"
+    require_memory({"parameters": model_bytes(config)}, f"{path}: the model ({config.n_layers} layers, dim "
+                   f"{config.dim}, vocab {config.vocab_size})", device)
+    with torch.device("meta"):  # keys, shapes and dtypes checked before the model is allocated
+        skeleton = build_model(config)
+    check_state(state, skeleton, file, hint)
     model = build_model(config)
-    check_state(state, model, file, hint)
     model.load_state_dict(state)
     model.to(device).eval()
     return Checkpoint(model, config, step, path, run_dir, meta, options, settings_from, opt_reader, adam_reader)

@@ -11,8 +11,10 @@ named_parameters() order is the model state dict's key order without buffers and
 import torch
 
 from hessian_tools.errors import UserError
+from hessian_tools.schema import check
 from models.checkpoint.state_dict import clean_name
 from models.foreign_names import DROPPED_SUFFIXES, NANOGPT_MODEL_ARGS
+from models.schemas import NANOGPT
 
 EMBEDDINGS = ("transformer.wte.weight", "transformer.wpe.weight")
 ADAM_FIELDS = ("lr", "betas", "eps", "weight_decay")
@@ -72,14 +74,14 @@ def map_optimizer(optimizer: dict, model_state: dict, file):
 
 def read_nanogpt(obj: dict, file):
     """(raw model state, recorded settings, meta, optimizer state or None, Adam settings or None)."""
+    obj = check(obj, NANOGPT, str(file))
     args = obj["model_args"]
     recorded = {NANOGPT_MODEL_ARGS[k]: v for k, v in args.items() if k in NANOGPT_MODEL_ARGS}
     meta = {"format": "nanogpt", "model_args": args}
-    config = obj.get("config")
-    if isinstance(config, dict) and isinstance(config.get("learning_rate"), (int, float)):
-        meta["learning_rate"] = float(config["learning_rate"])  # train.py's peak lr
+    if "learning_rate" in obj.get("config", {}):
+        meta["learning_rate"] = float(obj["config"]["learning_rate"])  # train.py's peak lr
     if "iter_num" in obj:
-        meta["step"] = int(obj["iter_num"])
+        meta["step"] = obj["iter_num"]
     moments = settings = None
     if isinstance(obj.get("optimizer"), dict):
         moments, settings = map_optimizer(obj["optimizer"], obj["model"], file)

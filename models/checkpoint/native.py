@@ -16,27 +16,22 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from hessian_tools import __version__
 from hessian_tools.cli.common import flag_for
 from hessian_tools.errors import UserError
-from models.checkpoint.files import first_line, read_safetensors
+from hessian_tools.paths import fsync_dir, is_directory, is_regular, os_error
+from models.checkpoint.files import read_safetensors
 from models.config import GPTConfig
+from models.schemas import TOOLKIT_FORMAT as FORMAT
+from models.schemas import read_meta
 
-FORMAT = "hessian-tools-checkpoint"
 CKPT_RE = re.compile(r"^ckpt_(\d{7})$")
 # Settings a toolkit checkpoint may be loaded with differently from how it was trained.
 FREE_OVERRIDES = ("norm_backend", "dropout")
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path):
@@ -53,13 +48,33 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, optimizer, meta: dict)
     """Write RUN_DIR/ckpt_{step:07d}/ atomically and return its path; an existing one is replaced.
 
     `optimizer` is a torch.optim.AdamW over model.named_parameters() (or None); `meta` must be JSON-able.
+    A write that fails (a full disk, an I/O error) removes what it began and raises a one-line UserError; the
+    run's other checkpoints are untouched.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt_{step:07d}"
     tmp = run_dir / f".tmp_ckpt_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, step, model, optimizer, meta)
+        if final.exists():
+            old = run_dir / f".old_ckpt_{step:07d}_{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        fsync_dir(run_dir)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(exc, final, "write the checkpoint") from None
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, model: nn.Module, optimizer, meta: dict):
+    """The files of one checkpoint in directory `tmp`, fsynced."""
     save_file(_plain(model.state_dict()), tmp / "model.safetensors")
     if optimizer is not None:
         state = {}
@@ -71,41 +86,27 @@ def save_checkpoint(run_dir, step: int, model: nn.Module, optimizer, meta: dict)
     (tmp / "meta.json").write_text(json.dumps(record, indent=1))
     for f in tmp.iterdir():
         _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():
-        old = run_dir / f".old_ckpt_{step:07d}_{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(run_dir)
-    return final
+    fsync_dir(tmp)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
     """The complete checkpoints of a run directory, sorted by step."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not is_directory(run_dir):
         return []
-    found = [p for p in run_dir.iterdir() if CKPT_RE.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in run_dir.iterdir() if CKPT_RE.match(p.name) and is_regular(p / "meta.json")]
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
 def is_native(path: Path) -> bool:
-    return path.is_dir() and (path / "meta.json").is_file()
+    return is_directory(path) and is_regular(path / "meta.json")
 
 
 def read_native(path: Path, overrides: dict):
     """(config, state dict, meta, step) of a toolkit checkpoint directory. overrides may change only
     FREE_OVERRIDES; any other must agree with the recorded config."""
-    meta_file = path / "meta.json"
-    try:
-        meta = json.loads(meta_file.read_text())
-        settings = dict(meta["model_config"])
-        step = int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{meta_file}: not a valid checkpoint record ({first_line(exc)})") from None
+    meta = read_meta(path / "meta.json")
+    settings, step = dict(meta["model_config"]), meta["step"]
     for key, value in overrides.items():
         if key not in FREE_OVERRIDES and key in settings and settings[key] != value:
             raise UserError(f"{path}: the checkpoint records {key}={settings[key]!r}; "
@@ -113,7 +114,7 @@ def read_native(path: Path, overrides: dict):
         settings[key] = value
     config = GPTConfig.from_dict(settings)
     model_file = path / "model.safetensors"
-    if not model_file.is_file():
+    if not os.path.lexists(model_file):
         raise UserError(f"{path}: missing model.safetensors")
     return config, read_safetensors(model_file), meta, step
 
@@ -121,7 +122,7 @@ def read_native(path: Path, overrides: dict):
 def read_optimizer_state(path: Path) -> dict | None:
     """{param name: {"exp_avg", "exp_avg_sq", "step"}} from optimizer.safetensors, or None without one."""
     file = path / "optimizer.safetensors"
-    if not file.is_file():
+    if not os.path.lexists(file):
         return None
     state: dict = {}
     for key, value in read_safetensors(file).items():

@@ -133,5 +133,8 @@ def check_state(state: dict, model: nn.Module, file, hint: str = ""):
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise UserError(f"{file}: wrong shape for {key}: the file has {tuple(tensor.shape)}, the "
                             f"configured model needs {tuple(expected[key].shape)}{hint}")
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(f"{file}: tensor {key} holds {str(tensor.dtype).removeprefix('torch.')} values; weights "
+                            "must be real floating point (float16, bfloat16, float32 or float64)")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{file}: tensor {key} holds NaN or inf values")
