@@ -543,6 +543,13 @@ def test_training_and_experiment_flags(tmp_path, capsys, case):
     assert sorted(os.listdir(tmp_path)) == []  # refused when parsed: nothing made
 
 
+def test_flags_are_never_abbreviated(tmp_path, capsys):
+    """`lr-sweep --lr` is an unknown flag, not a silent `--lrs`."""
+    rc, out, lines = run(command("lr-sweep", tmp_path, "--lr", "0.1"), capsys)
+    assert rc == 2 and out == "" and lines == ["hessian-tools: error: unrecognized arguments: --lr 0.1"], lines
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 OUTPUTS = {  # command -> its output flag; each case refuses before any training or measuring
     "train": "--out", "lr-sweep": "--out", "demo": "--out", "figures": "--out", "bench": "--results",
 }

@@ -21,7 +21,11 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, `PROG: error: FLAG must be ..., got VALUE`, exit status 2."""
+    """An ArgumentParser whose errors are one line, `PROG: error: FLAG must be ..., got VALUE`, exit status 2.
+    Flags are never abbreviated (`lr-sweep --lr 0.1` is an unknown flag, not `--lrs`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def error(self, message):
         m = re.match(r"argument (\S+?)(?:/\S+)?: (must .*)$", message)
