@@ -9,7 +9,7 @@ from hessian_tools.errors import UserError
 ARCHS = ("llama2", "llama2_qknorm", "simplegpt", "gpt2", "simplegpt_gpt2")
 LLAMA_FAMILY = ("llama2", "llama2_qknorm", "simplegpt")
 GPT2_FAMILY = ("gpt2", "simplegpt_gpt2")
-NORM_BACKENDS = ("auto", "torch", "triton")
+NORM_BACKENDS = ("auto", "torch", "triton", "compiled")
 SITE_ROLES = ("block_in", "attn_in", "ffn_in", "block_out")  # activation sites by role: models.sites.role_sites
 QK_NORM_SCOPES = ("head", "all")
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -31,7 +31,8 @@ class GPTConfig:
     seq_len is the longest context (size of the RoPE table or of the learned position table).
     ffn_hidden = 0 means the family default: llama_ffn_hidden(dim, multiple_of, ffn_dim_multiplier) for the
     Llama family, 4 * dim for GPT-2.
-    norm_backend: "torch" (reference), "triton" (fused kernels), "auto" (triton on CUDA, torch elsewhere).
+    norm_backend: "torch" (reference), "triton" (fused kernels), "auto" (triton on CUDA, torch elsewhere),
+    "compiled" (torch.compile while training, the reference otherwise; see models.norms).
     n_kv_heads: key/value heads of grouped-query attention (Llama family; 0 = n_heads, plain multi-head);
     query head h attends with key/value head h // (n_heads / n_kv_heads).
     qk_norm_scope (llama2_qknorm): "head" = RMSNorm over each head's head_dim vector, "all" = over all heads

@@ -3,9 +3,14 @@
 Conventions: the normalization runs over the last dimension; RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight;
 SimpleNorm(x) = RMSNorm(W x), the RMS taken over the whole output vector (all heads together).
 The "torch" backend is the reference, twice differentiable under autograd and torch.func; "triton" calls the
-fused kernels of `models.kernels`, which are twice differentiable as well.
+fused kernels of `models.kernels`, which are twice differentiable as well. "compiled" is for training on CPU:
+while a module is in training mode and gradients are on, its norm runs through `torch.compile` (one fused
+kernel forward and one backward, 2-3x faster than the reference per norm; compiling costs seconds per new
+shape, so it pays on long runs only); in eval mode, and so under every Hessian tool (they work on eval-mode
+copies), it is the reference, because compiled functions have no double backward.
 """
 
+import functools
 import os
 
 import torch
@@ -15,33 +20,54 @@ from torch import nn
 from hessian_tools.errors import UserError
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
+def resolve_backend(backend: str, x: torch.Tensor, training: bool = False) -> str:
+    """The implementation that runs: "auto" -> triton on CUDA, torch elsewhere; "compiled" -> itself only for a
+    module in training mode with gradients on, else torch."""
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
+    if backend == "compiled":
+        return "compiled" if training and torch.is_grad_enabled() else "torch"
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("norm_backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is "
                         "imported, for testing); use --norm-backend torch or auto on CPU")
     return backend
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "torch") -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, backend: str = "torch",
+             training: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension; low-precision inputs are normalized in float32."""
-    if resolve_backend(backend, x) == "triton":
+    which = resolve_backend(backend, x, training)
+    if which == "triton":
         from models import kernels
 
         return kernels.rms_norm(x, weight, eps)
+    if which == "compiled":
+        return _compiled(reference_rms_norm)(x, weight, eps)
+    return reference_rms_norm(x, weight, eps)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The reference: x * rsqrt(mean(x^2) + eps) * weight in plain torch ops."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out if weight is None else out * weight
 
 
-def layer_norm(x, weight, bias, eps: float, backend: str = "torch") -> torch.Tensor:
+def layer_norm(x, weight, bias, eps: float, backend: str = "torch", training: bool = False) -> torch.Tensor:
     """LayerNorm over the last dimension (mean removed, variance normalized, then weight and bias)."""
-    if resolve_backend(backend, x) == "triton":
+    which = resolve_backend(backend, x, training)
+    if which == "triton":
         from models import kernels
 
         return kernels.layer_norm(x, weight, bias, eps)
+    if which == "compiled":
+        return _compiled(F.layer_norm)(x, (x.shape[-1],), weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +77,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps, self.backend)
+        return rms_norm(x, self.weight, self.eps, self.backend, self.training)
 
 
 class LayerNorm(nn.Module):
@@ -62,7 +88,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+        return layer_norm(x, self.weight, self.bias, self.eps, self.backend, self.training)
 
 
 class SimpleNorm(nn.Module):

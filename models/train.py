@@ -1,21 +1,36 @@
-"""Training runs: AdamW with warm-up and linear decay, checkpoints, metrics, resume, divergence detection.
+"""Training runs: AdamW or gradient descent, checkpoints, metrics, sharpness tracking, resume, divergence.
 
-Recipe: AdamW, betas (0.9, 0.95), eps 1e-8; lr rises linearly over `warmup` steps to `lr`, then falls
-linearly to 0 at `steps`; gradients clipped to global norm `grad_clip` (0 = no clipping). Weight decay
-applies to the weights of linear maps only; embeddings (including the GPT-2 LM head, tied to `wte`), norm
-gains and biases are not decayed.
+Recipe (optimizer "adamw"): AdamW, betas (0.9, 0.95), eps 1e-8; lr rises linearly over `warmup` steps to `lr`,
+then falls linearly to 0 at `steps` (schedule "linear") or stays at `lr` ("constant"); gradients clipped to global
+norm `grad_clip` (0 = no clipping). Weight decay applies to the weights of linear maps only; embeddings
+(including the GPT-2 LM head, tied to `wte`), norm gains and biases are not decayed. Optimizer "sgd": plain
+gradient descent theta <- theta - lr_t g (no momentum, no weight decay, no clipping unless grad_clip says).
 
 Steps count optimizer updates. Update s (0-based) uses training batch s, drawn with a generator seeded by
-(seed, s) (see models.data), and training runs use no dropout: the weights, AdamW state and step in a
-checkpoint are all a resumed run needs to repeat exactly what the uninterrupted run would have done.
-The metrics line {"step": n, ...} (n = 1..steps) holds the loss of batch n - 1 before the n-th update, that
-update's lr and pre-clip gradient norm, the RMS of the residual stream after each block ("act_rms":
-{block name: value}, from the same forward pass) and "tokens_per_s" (wall clock of the step).
+(seed, s) (see models.data) from the training split, or from `train_subset` fixed sequences of it (all of them
+when batch_size = train_subset: full-batch training); training runs use no dropout: the weights, optimizer
+state and step in a checkpoint are all a resumed run needs to repeat exactly what the uninterrupted run did.
 
-A run diverges when a loss or gradient norm is not finite, or a loss exceeds `diverge_factor` times the
-first step's loss; the run then stops and RUN_DIR/status.json says {"status": "diverged", ...}.
+RUN_DIR/metrics.jsonl is an append-only log of two kinds of lines. {"kind": "loss", "step": n, ...} (n = 1..steps)
+holds the loss of batch n - 1 before the n-th update, that update's lr and pre-clip gradient norm, the RMS of
+the residual stream after each block ("act_rms": {block name: value}, from the same forward pass) and
+"tokens_per_s" (wall clock of the step). With track_every > 0, {"kind": "sharpness", "step": s, ...} lines
+(hessian_tools.tracking) measure the weights after s updates at s = 0, track_every, 2 track_every, ... and the
+last step, on fixed batches: held-out ones (those of `hessian-tools spectrum --batches track_batches
+--batch-size track_batch_size --seed 0`), or the whole training subset when there is one (the objective being
+minimised). Each step's lines come before its checkpoint, and the tracker's warm-start vectors are saved with
+it (RUN_DIR/tracking/), so a resumed run writes exactly the lines of an uninterrupted one. A resumed run drops
+the lines after its checkpoint by writing the kept ones to a temporary file and renaming it over the log: a
+kill at any moment leaves either the old log or the new one.
+
+One process at a time: RUN_DIR/.train.lock is held (flock) while a run trains; a second `train` on the same
+RUN_DIR stops with a one-line error. A run diverges when a loss or gradient norm is not finite, or a loss
+exceeds `diverge_factor` times the first step's loss; the run then stops and RUN_DIR/status.json says
+{"status": "diverged", ...}. An interrupt (Ctrl-C, or SIGTERM under `hessian-tools train`) stops it with
+{"status": "interrupted", "step", "resume_from"}: the same command resumes it from its latest checkpoint.
 """
 
+import fcntl
 import json
 import math
 import os
@@ -26,19 +41,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from hessian_tools.errors import UserError
 from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from models.data import load_splits, training_batch
+from models.checkpoint.files import read_safetensors
+from models.checkpoint.native import CKPT_RE, _fsync_dir, _fsync_file, read_native
+from models.data import fixed_windows, load_splits, measurement_batches, step_seed, training_batch
 from models.gpt import build_model, next_token_loss
 from models.sites import blocks
-from models.train_config import TrainConfig
+from models.train_config import TrainConfig, field_defaults
 
-CONFIG_FILE, METRICS_FILE, STATUS_FILE = "train_config.json", "metrics.jsonl", "status.json"
+CONFIG_FILE, METRICS_FILE, STATUS_FILE, LOCK_FILE = "train_config.json", "metrics.jsonl", "status.json", ".train.lock"
+TRACKING_DIR = "tracking"  # the sharpness tracker's warm-start vectors at each checkpoint: step_NNNNNNN.safetensors
 # Settings that may differ between the start and the resumption of one run.
 RESUMABLE_DIFFERENCES = ("device", "norm_backend")
+# What a killed run leaves behind besides its results: temporary files and directories, the lock.
+LEFTOVER_PREFIXES = (".tmp_ckpt_", ".old_ckpt_", f".{CONFIG_FILE}.", f".{METRICS_FILE}.", f".{STATUS_FILE}.")
 
 
 @dataclass(frozen=True)
@@ -49,15 +70,23 @@ class TrainResult:
     reason: str | None = None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal arrives so the run stops as it does on Ctrl-C (`terminate_as_interrupt`)."""
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of update `step` (0-based): linear warm-up to cfg.lr, then linear decay to 0."""
+    """Learning rate of update `step` (0-based): linear warm-up to cfg.lr, then linear decay to 0 (or constant)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
     return cfg.lr * (cfg.steps - step) / max(1, cfg.steps - cfg.warmup)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on linear-map weights only (see module docstring)."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on linear-map weights only, or plain gradient descent (see module docstring)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=0.0)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     params = list(model.parameters())
@@ -80,14 +109,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _write_json(path: Path, record: dict):
+def _replace_atomically(path: Path, write):
+    """write(tmp) a sibling temporary file, fsync it, rename it over `path`: a kill leaves the old or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
+    write(tmp)
+    _fsync_file(tmp)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Complete metrics lines (a line cut short by a kill is dropped)."""
+def _write_json(path: Path, record: dict):
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+
+
+def read_metrics(path: Path, kind: str | None = "loss") -> list[dict]:
+    """The complete metrics lines of one kind ("loss", "sharpness"; None = all), in file order. A line cut short
+    by a kill, and anything after it, is dropped; a line without "kind" is a loss line (runs before tracking)."""
     if not path.is_file():
         return []
     lines = []
@@ -96,74 +133,201 @@ def read_metrics(path: Path) -> list[dict]:
             lines.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    return lines
+    return [m for m in lines if kind is None or m.get("kind", "loss") == kind]
+
+
+def _settings_clash(recorded: dict, cfg: TrainConfig) -> list[str]:
+    defaults, mine = field_defaults(), cfg.to_dict()
+    return [f"{k}: {recorded.get(k, defaults[k])!r} there, {mine[k]!r} now" for k in mine
+            if k not in RESUMABLE_DIFFERENCES and recorded.get(k, defaults[k]) != mine[k]]
+
+
+def _recorded_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{run_dir / CONFIG_FILE}: unreadable ({exc}); move the run directory aside or choose "
+                        "another --out") from None
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig):
-    """Create RUN_DIR, or check that an existing one holds this same run; returns the recorded status."""
+    """Check that RUN_DIR (locked, existing) is new or holds this same run, clear what a killed process left,
+    record the settings of a new run; returns the recorded status (None if none)."""
     config_file = run_dir / CONFIG_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: is a file, not a run directory; choose a new or empty --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config_file.is_file():
-            raise UserError(f"{run_dir}: not empty and not a training run; choose a new or empty --out")
-        recorded = json.loads(config_file.read_text())
-        mine = cfg.to_dict()
-        diffs = [f"{k}: {recorded.get(k)!r} there, {mine[k]!r} now" for k in mine
-                 if k not in RESUMABLE_DIFFERENCES and recorded.get(k) != mine[k]]
+    if config_file.is_file():
+        diffs = _settings_clash(_recorded_config(run_dir), cfg)
         if diffs:
             raise UserError(f"{run_dir} holds a run with different settings ({'; '.join(diffs[:3])}); "
                             "choose another --out or the same settings to resume")
         status_file = run_dir / STATUS_FILE
-        return json.loads(status_file.read_text()) if status_file.is_file() else None
+        recorded = json.loads(status_file.read_text()) if status_file.is_file() else None
+    else:
+        others = [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(LEFTOVER_PREFIXES)]
+        if others:
+            raise UserError(f"{run_dir}: not empty and not a training run (holds {others[0]}); choose a new or "
+                            "empty --out")
+        recorded = None
+    leftovers = [*run_dir.iterdir(), *(run_dir / TRACKING_DIR).glob(".*.tmp")]
+    for leftover in leftovers:  # a save or a rewrite cut short by a kill
+        if leftover.name.startswith(LEFTOVER_PREFIXES) or leftover.parent.name == TRACKING_DIR:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if not config_file.is_file():
+        _write_json(config_file, cfg.to_dict())
+    return recorded
+
+
+def _lock(run_dir: Path) -> int:
+    """Create RUN_DIR if needed and hold its lock (released when the returned descriptor is closed)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, not a run directory; choose a new or empty --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(config_file, cfg.to_dict())
-    return None
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{run_dir}: another train process (pid {holder}) is running in this run directory; "
+                        "wait for it to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _kept(line: dict, start: int) -> bool:
+    """Whether a metrics line survives a (re)start at update `start`: loss lines up to it; sharpness lines before
+    it, and at it when it is a checkpoint (whose lines were written before it); at 0 they are redone."""
+    if line.get("kind", "loss") == "loss":
+        return line["step"] <= start
+    return line["step"] < start or (start > 0 and line["step"] == start)
+
+
+def _training_source(cfg: TrainConfig, splits, spec):
+    """(step -> batch of that update, the training subset as one batch or None)."""
+    if not cfg.train_subset:
+        return (lambda step: training_batch(splits, spec, step, cfg.batch_size, cfg.seq_len)), None
+    (idx, targets), = fixed_windows(splits.train, 1, cfg.train_subset, cfg.seq_len, cfg.seed, "training split",
+                                    spec.name)
+    if cfg.batch_size == cfg.train_subset:
+        return (lambda step: (idx, targets)), (idx, targets)
+
+    def draw(step):
+        rows = torch.randperm(cfg.train_subset, generator=torch.Generator().manual_seed(step_seed(spec.seed, step)))
+        rows = rows[: cfg.batch_size]
+        return idx[rows], targets[rows]
+
+    return draw, (idx, targets)
+
+
+def _tracker(cfg: TrainConfig, spec, subset):
+    """The run's SharpnessTracker (None without tracking): on the training subset, or fixed held-out batches."""
+    if not cfg.track_every:
+        return None
+    from hessian_tools.tracking import SharpnessTracker, TrackSettings
+
+    if subset is not None:
+        batches = [subset]
+        describe = {"batches": "training subset", "n_sequences": cfg.train_subset, "seq_len": cfg.seq_len}
+    else:
+        batches = measurement_batches(spec, cfg.track_batches, cfg.track_batch_size, cfg.seq_len, seed=0)
+        describe = {"batches": "held-out", "n_batches": cfg.track_batches, "batch_size": cfg.track_batch_size,
+                    "seq_len": cfg.seq_len, "seed": 0}
+    settings = TrackSettings(cfg.track_every, cfg.track_tol, cfg.track_hvps, cfg.track_dtype)
+    return SharpnessTracker(settings, batches, describe=describe)
+
+
+def _vectors_file(run_dir: Path, step: int) -> Path:
+    return run_dir / TRACKING_DIR / f"step_{step:07d}.safetensors"
+
+
+def _save_vectors(run_dir: Path, step: int, vectors: dict):
+    """The tracker's warm starts as they stand at checkpoint `step` (written before the checkpoint)."""
+    path = _vectors_file(run_dir, step)
+    path.parent.mkdir(exist_ok=True)
+    _replace_atomically(path, lambda tmp: save_file({k: v.contiguous() for k, v in vectors.items()}, tmp))
+
+
+def _prune_vectors(run_dir: Path, step: int):
+    """Drop the warm starts of checkpoints before `step` (a run resumes from its latest checkpoint)."""
+    for path in (run_dir / TRACKING_DIR).glob("step_*.safetensors"):
+        if int(path.stem.removeprefix("step_")) < step:
+            path.unlink()
+
+
+def _block_hooks(model: nn.Module, acts: dict) -> list:
+    return [block.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o.detach()))
+            for name, block in blocks(model).items()]
 
 
 def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
     """Run (or resume, or just report) the training run `cfg` in `run_dir`.
 
     A finished run (status completed or diverged) is returned as recorded; otherwise training resumes from
-    the latest checkpoint (metrics after it are dropped and rewritten) or starts at step 0.
+    the latest checkpoint (metrics lines after it are dropped and redone) or starts at step 0.
     """
     run_dir = Path(run_dir)
-    recorded = _prepare_run_dir(run_dir, cfg)
-    if recorded and recorded.get("status") in ("completed", "diverged"):
-        return TrainResult(recorded["status"], recorded["step"], run_dir, recorded.get("reason"))
+    lock = _lock(run_dir)
+    try:
+        recorded = _prepare_run_dir(run_dir, cfg)
+        if recorded and recorded.get("status") in ("completed", "diverged"):
+            return TrainResult(recorded["status"], recorded["step"], run_dir, recorded.get("reason"))
+        return _train(cfg, run_dir, progress)
+    finally:
+        os.close(lock)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
     device = resolve_device(cfg.device)
     spec = cfg.data_spec()
     splits = load_splits(spec)
-    for leftover in run_dir.glob(".tmp_ckpt_*"):  # a save cut short by a kill
-        shutil.rmtree(leftover, ignore_errors=True)
+    batch_of, subset = _training_source(cfg, splits, spec)
+    tracker = _tracker(cfg, spec, subset)
     found = list_checkpoints(run_dir)
     if found:
         ckpt = load_checkpoint(found[-1], {"norm_backend": cfg.norm_backend}, device=device)
         model, start, initial_loss = ckpt.model, ckpt.step, ckpt.meta["initial_loss"]
         optimizer = make_optimizer(model, cfg)
-        ckpt.restore_optimizer(optimizer)
+        if cfg.optimizer == "adamw":
+            ckpt.restore_optimizer(optimizer)
+        if tracker is not None and _vectors_file(run_dir, start).is_file():
+            tracker.vectors = read_safetensors(_vectors_file(run_dir, start))
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model_config(splits.tokenizer.vocab_size)).to(device)
         optimizer = make_optimizer(model, cfg)
         start, initial_loss = 0, None
     metrics_file = run_dir / METRICS_FILE
-    kept = [m for m in read_metrics(metrics_file) if m["step"] <= start]
-    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    kept = [m for m in read_metrics(metrics_file, kind=None) if _kept(m, start)]
+    _replace_atomically(metrics_file, lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
     meta = {"train_config": cfg.to_dict(), "data": spec.to_dict(), "tokenizer": splits.tokenizer.to_dict(),
             "seed": cfg.seed, "sampler": "batch of step s drawn with seed (seed, s)"}
 
     acts = {}
-    hooks = [block.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o.detach()))
-             for name, block in blocks(model).items()]
+    hooks = _block_hooks(model, acts)
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, file=sys.stderr, disable=not progress, desc=cfg.arch, unit="step")
-    status, reason, step = "completed", None, start
+    status, reason, step, shown = "completed", None, start, {}
     try:
         with open(metrics_file, "a") as log:
+
+            def track(at: int):
+                """Measure the sharpness at `at` if due (the model as it stands), and log its lines."""
+                if tracker is None or not tracker.settings.due(at, cfg.steps):
+                    return
+                for hook in hooks:  # the tracker's copy of the model must not feed the training's act_rms
+                    hook.remove()
+                records = tracker.measure(model, optimizer, at, lr_at(cfg, min(at, cfg.steps - 1)))
+                hooks[:] = _block_hooks(model, acts)
+                log.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+                log.flush()
+                shown["sharpness"] = "failed" if records[-1]["value"] is None else f"{records[-1]['value']:.4g}"
+                bar.set_postfix(shown)
+
+            if start == 0:
+                track(0)
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                idx, targets = (t.to(device) for t in training_batch(splits, spec, step, cfg.batch_size, cfg.seq_len))
+                idx, targets = (t.to(device) for t in batch_of(step))
                 loss = next_token_loss(model, (idx, targets))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -183,20 +347,27 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
-                record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                record = {"kind": "loss", "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "act_rms": {k: v.float().pow(2).mean().sqrt().item() for k, v in acts.items()},
                           "tokens_per_s": idx.numel() / seconds}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                shown["loss"] = f"{loss_value:.4f}"
+                bar.set_postfix(shown)
                 done = step + 1
+                track(done)
                 if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                     os.fsync(log.fileno())
+                    if tracker is not None:
+                        _save_vectors(run_dir, done, tracker.vectors)
                     save_checkpoint(run_dir, done, model, optimizer, {**meta, "initial_loss": initial_loss})
+                    if tracker is not None:
+                        _prune_vectors(run_dir, done)
                 step = done
     except KeyboardInterrupt:
-        _write_json(run_dir / STATUS_FILE, {"status": "interrupted", "step": step})
+        _write_json(run_dir / STATUS_FILE, {"status": "interrupted", "step": step,
+                                            "resume_from": resume_point(run_dir, verify=False)})
         raise
     finally:
         bar.close()
@@ -207,6 +378,23 @@ def train(cfg: TrainConfig, run_dir, progress: bool = True) -> TrainResult:
         record["reason"] = reason
     _write_json(run_dir / STATUS_FILE, record)
     return TrainResult(status, step, run_dir, reason)
+
+
+def resume_point(run_dir, verify: bool = True) -> int:
+    """The update a rerun resumes from: the latest complete checkpoint's step (0 without one). verify: check
+    that checkpoint reads (its record and weights) and, for a tracked run, that its warm starts are there
+    (a UserError otherwise)."""
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        return 0
+    if not verify:
+        return int(CKPT_RE.match(found[-1].name).group(1))
+    _, _, meta, step = read_native(found[-1], {})
+    if meta.get("train_config", {}).get("track_every") and not _vectors_file(run_dir, step).is_file():
+        raise UserError(f"{run_dir}: checkpoint {found[-1].name} lacks the tracker's warm starts "
+                        f"({_vectors_file(run_dir, step)})")
+    return step
 
 
 def _divergence(loss: float, grad_norm: float, initial_loss: float, factor: float) -> str | None:

@@ -80,6 +80,15 @@ NOTEBOOKS = {
         "metrics (metrics.jsonl) of the main runs: the mean over seeds and the band from their min to max.",
         "paths = plotting.activation_rms(res, out)",
     ),
+    "07_eos": (
+        "# Edge of stability\n\nFull-batch gradient descent at constant learning rates on a fixed training subset: "
+        "the sharpness lambda_max of the full-batch loss, tracked during training, against 2 / lr (dashed), and "
+        "the loss beneath (Cohen et al. 2021, Figure 1), per architecture and seed. Writes eos.json and the eos "
+        "section of README.md beside the figure (hessian_tools.eos).",
+        "from hessian_tools import eos\n\n"
+        "paths = eos.write_outputs(eos.EosExperiment(scale, root, archs, jobs).prepare().summary(), out)",
+        False,
+    ),
 }
 
 

@@ -202,7 +202,6 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
     (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
-    (["spectrum", "{ckpt}", "--site", SITE, "--distributed"], "parameter space only"),
     (["spectrum", "{ckpt}", "--distributed", "--data-spread", "8"], "do not run under --distributed"),
     (["spectrum", "{ckpt}", "--distributed", "--sample-size-curve"], "do not run under --distributed"),
     (["spectrum", "{ckpt}", "--data-spread", "2"], "the jackknife needs at least 8 groups"),

@@ -72,3 +72,45 @@ def test_init_outside_torchrun_raises_user_error(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(UserError, match="launch with torchrun"):
         init_distributed()
+
+
+ACT_SIZES = (2, 1, 3, 1, 2)  # five batches of different sizes: uneven shares, uneven blocks
+ACT_SITE = "layers.0.feed_forward:in"
+
+
+def act_worker(rank, world_size, port, out_dir):
+    from operator_refs import tiny_gpt, token_batches
+
+    from hessian_tools.distributed import DistributedBlockOperator
+    from hessian_tools.operators import ActivationHessian
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, batches = tiny_gpt("simplegpt"), token_batches(ACT_SIZES)
+        op = DistributedBlockOperator(lambda share: ActivationHessian(model, share, ACT_SITE), batches)
+        hv = op.matvec(probe(op.shape[0]))
+        est = lanczos(op, k=1, which="both", tol=1e-10)
+        np.savez(f"{out_dir}/act{rank}.npz", hv=hv.numpy(), eigs=est.payload["eigenvalues"], mine=op.mine,
+                 local_hvps=op.local.hvp_count, n=op.shape[0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_activation_blocks_on_two_processes_match_single_process(tmp_path):
+    from operator_refs import tiny_gpt, token_batches
+
+    from hessian_tools.operators import ActivationHessian
+
+    mp.spawn(act_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"act{r}.npz") for r in range(2)]
+    single = ActivationHessian(tiny_gpt("simplegpt"), token_batches(ACT_SIZES), ACT_SITE)
+    hv = single.matvec(probe(single.shape[0])).numpy()
+    est = lanczos(single, k=1, which="both", tol=1e-10)
+    for r in ranks:
+        assert int(r["n"]) == single.shape[0]
+        np.testing.assert_allclose(r["hv"], hv, rtol=1e-8, atol=1e-12 * np.abs(hv).max())
+        np.testing.assert_allclose(r["eigs"], est.payload["eigenvalues"], rtol=1e-8)
+    assert list(ranks[0]["mine"]) == [0, 2, 4] and list(ranks[1]["mine"]) == [1, 3]
+    np.testing.assert_array_equal(ranks[0]["eigs"], ranks[1]["eigs"])  # the same Krylov iteration on both ranks

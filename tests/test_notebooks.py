@@ -10,7 +10,7 @@ import pytest
 from hessian_tools.cli import build_parser
 from hessian_tools.figures import notebook_dir, notebooks, render
 
-FIGURES = ("top_eigenvalue", "activation_norms", "bound_tightness", "lr_sweep", "density", "activation_rms")
+FIGURES = ("top_eigenvalue", "activation_norms", "bound_tightness", "lr_sweep", "density", "activation_rms", "eos")
 ARCHS = ("simplegpt", "llama2", "gpt2")
 
 
@@ -38,7 +38,7 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
 
 def test_every_notebook_ran_and_every_figure_was_written(rendered):
     out, executed, result = rendered
-    assert len(result["notebooks"]) == len(notebooks()) == 6
+    assert len(result["notebooks"]) == len(notebooks()) == len(FIGURES)
     for name in FIGURES:
         for suffix in (".png", ".pdf"):
             path = out / f"{name}{suffix}"

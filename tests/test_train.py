@@ -31,7 +31,7 @@ def test_run_writes_metrics_checkpoints_and_status(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_0000004", "ckpt_0000008", "ckpt_0000010"]
     lines = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["step"] for m in lines] == list(range(1, 11))
-    assert set(lines[0]) == {"step", "loss", "lr", "grad_norm", "act_rms", "tokens_per_s"}
+    assert set(lines[0]) == {"kind", "step", "loss", "lr", "grad_norm", "act_rms", "tokens_per_s"}
     assert list(lines[0]["act_rms"]) == ["layers.0", "layers.1"]
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert json.loads((tmp_path / "status.json").read_text()) == {"status": "completed", "step": 10}

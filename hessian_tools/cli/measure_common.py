@@ -5,7 +5,7 @@ the estimator), build the operator (parameter space, or activation space at `--s
 rescaled as `--scaled` / `--scale-free` say, recorded as settings.operator.scaled), run the self-check guard on
 the unscaled operator (result on stderr), run the estimator with an HVP progress bar on stderr, then print one JSON object
 (`--json`: the record's to_dict() with provenance) or a short table. Under torchrun with `--distributed`
-each rank evaluates its share of the batches (parameter space only) and only rank 0 prints.
+each rank evaluates its share of the batches (in activation space: owns their blocks) and only rank 0 prints.
 Exit status: 0, 2 on bad input (one line on stderr), 3 when the estimator failed (its status on stderr).
 """
 
@@ -46,7 +46,9 @@ def add_measure_flags(p, data_spread: bool = True):
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="evaluation dtype of the products (Krylov vectors are float64 always; default float32)")
     g.add_argument("--mode", choices=MODES, default="auto",
-                   help="HVP mode (default auto: the fastest of a short measurement)")
+                   help="HVP mode (default auto: double-backward, the fastest on CPU)")
+    g.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+                   help="working memory the products may use: graphs are dropped or batches micro-batched to fit")
     d = p.add_argument_group("data")
     d.add_argument("--batches", type=int, default=1, help="held-out measurement batches (default 1)")
     d.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
@@ -61,7 +63,7 @@ def add_measure_flags(p, data_spread: bool = True):
                        help="also the estimate on the first 1, 2, 4, ..., N batches (with the jackknife at each "
                        "multiple of --data-spread GROUPS)")
     d.add_argument("--distributed", action="store_true",
-                   help="under torchrun: each rank evaluates its share of the batches (parameter space)")
+                   help="under torchrun: each rank evaluates its share of the batches")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_model_flags(p, skip=("seq_len",))  # --seq-len above is the measurement length; --context-len the model's
     p.add_argument("--context-len", dest="seq_len", type=int, default=None, metavar="T",
@@ -173,11 +175,12 @@ def operator_factory(args, ckpt):
     from hessian_tools.operators import SCALINGS, ActivationHessian, AdamPreconditioned, AdamState, ParamHessian
 
     model = ckpt.model
+    common = dict(dtype=args.dtype, mode=args.mode, memory_budget=args.memory_budget)
     if args.space == "activation":
-        build = lambda b: ActivationHessian(model, b, args.site, dtype=args.dtype, mode=args.mode)  # noqa: E731
+        build = lambda b: ActivationHessian(model, b, args.site, **common)  # noqa: E731
         wrap = SCALINGS["scale-free"] if args.scale_free else None
     else:
-        build = lambda b: ParamHessian(model, b, params=args.params, dtype=args.dtype, mode=args.mode)  # noqa: E731
+        build = lambda b: ParamHessian(model, b, params=args.params, **common)  # noqa: E731
         wrap = SCALINGS.get(args.scaled)
         if args.scaled == "adam":
             try:
@@ -192,7 +195,8 @@ def _check_flags(args):
     from hessian_tools.errors import UserError
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
-                        ("--seq-len", args.measure_seq_len or 1)):
+                        ("--seq-len", args.measure_seq_len or 1),
+                        ("--memory-budget", 1 if args.memory_budget is None else args.memory_budget)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     if (args.role is None) != (args.layer is None):
@@ -208,8 +212,6 @@ def _check_flags(args):
         raise UserError("--scale-free rescales an activation Hessian; in parameter space use --scaled")
     if args.space == "activation" and args.params:
         raise UserError("--params selects parameters: use it with --space params, not with an activation --site")
-    if args.distributed and args.space != "params":
-        raise UserError("--distributed splits batches in parameter space only; drop --distributed or --site")
     groups = getattr(args, "data_spread", None)
     if args.distributed and (groups is not None or getattr(args, "sample_size_curve", False)):
         raise UserError("--data-spread and --sample-size-curve do not run under --distributed; drop one of them")
@@ -242,9 +244,9 @@ def prepare(args) -> Measurement:
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
     make_op = operator_factory(args, ckpt)
     if args.distributed:
-        from hessian_tools.distributed import DistributedOperator
+        from hessian_tools.distributed import DistributedBlockOperator, DistributedOperator
 
-        op = DistributedOperator(make_op, batches)
+        op = (DistributedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
         local = op.local
     else:
         op = local = make_op(batches)

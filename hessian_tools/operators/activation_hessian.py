@@ -17,8 +17,9 @@ class ActivationHessian(HessianOperator):
     kind = "activation"
 
     def __init__(self, model, batches, site, loss_fn=None, dtype=None, mode="auto", keep_graph=True,
-                 batch_weight=None, chunk="auto"):
+                 batch_weight=None, chunk="auto", memory_budget=None):
         self._options = dict(site=site, loss_fn=loss_fn, mode=mode, keep_graph=keep_graph,
-                             batch_weight=batch_weight, chunk=chunk)
+                             batch_weight=batch_weight, chunk=chunk, memory_budget=memory_budget)
         space = functools.partial(ActivationSpace, site=site)
-        super().__init__(model, batches, space, loss_fn, dtype, mode, keep_graph, batch_weight, chunk)
+        super().__init__(model, batches, space, loss_fn, dtype, mode, keep_graph, batch_weight, chunk,
+                         memory_budget)

@@ -63,13 +63,35 @@ def prepare_batches(batches, dtype: torch.dtype, device: torch.device, batch_wei
         if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or not batch:
             raise UserError(f"batch {b} is not a non-empty tuple of tensors such as (inputs, targets)")
         batch = tuple(_move(t, dtype, device) for t in batch)
-        m = float(batch_weight(batch)) if batch_weight is not None else float(batch[-1].numel())
+        m = loss_terms(batch, batch_weight)
         if not math.isfinite(m) or m <= 0:
             raise UserError(f"batch {b} has weight {m}; every batch needs a positive number of loss terms")
         moved.append(batch)
         weights.append(m)
     total = sum(weights)
     return moved, [m / total for m in weights], weights
+
+
+def loss_terms(batch, batch_weight=None) -> float:
+    """m_b: `batch_weight(batch)`, or the number of targets `batch[-1].numel()` by default."""
+    return float(batch_weight(batch)) if batch_weight is not None else float(batch[-1].numel())
+
+
+def batch_rows(batch) -> int:
+    """The number of rows (sequences) of a batch: the length of the leading axis of its first tensor."""
+    first = batch[0]
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim else 1
+
+
+def split_rows(batch, start: int, stop: int):
+    """Rows [start, stop) of a batch: every tensor whose leading axis has the batch's row count is sliced.
+
+    With the mean loss of the rows weighted by their loss terms (`loss_terms`), the micro-batches' weighted
+    losses sum to the batch's mean loss when rows are independent (a GPT in eval mode: sequences do not
+    interact)."""
+    rows = batch_rows(batch)
+    return tuple(t[start:stop] if isinstance(t, torch.Tensor) and t.ndim and t.shape[0] == rows else t
+                 for t in batch)
 
 
 def _move(t, dtype, device):

@@ -49,11 +49,12 @@ class GaussNewton(BatchOperator):
     modes = ("jvp-vjp",)
 
     def __init__(self, model, batches, site=None, params=None, output_fn=None, output_loss=None, dtype=None,
-                 keep_graph=True, batch_weight=None, chunk="auto"):
+                 keep_graph=True, batch_weight=None, chunk="auto", memory_budget=None):
         if site is not None and params is not None:
             raise UserError("give either site (activation space) or params (parameter space), not both")
         self._options = dict(site=site, params=params, output_fn=output_fn, output_loss=output_loss,
-                             keep_graph=keep_graph, batch_weight=batch_weight, chunk=chunk)
+                             keep_graph=keep_graph, batch_weight=batch_weight, chunk=chunk,
+                             memory_budget=memory_budget)
         self.output_fn = output_fn or default_output
         self.output_loss = output_loss or cross_entropy
         self.closed_form = output_loss is None
@@ -62,24 +63,26 @@ class GaussNewton(BatchOperator):
         else:
             space = functools.partial(ActivationSpace, site=site)
         check = lambda model, batch: self.output_loss(self.output_fn(model, batch), batch)  # noqa: E731
-        super().__init__(model, batches, space, check, dtype, "jvp-vjp", keep_graph, batch_weight, chunk)
+        super().__init__(model, batches, space, check, dtype, "jvp-vjp", keep_graph, batch_weight, chunk,
+                         memory_budget)
 
-    def _outputs(self, b):
-        return self.space.function(self.output_fn, self.batches[b])
+    def _outputs(self, batch):
+        return self.space.function(self.output_fn, batch)
 
-    def _output_hvp(self, b):
-        batch, w = self.batches[b], self.weights[b]
+    def _output_hvp(self, batch, w):
         if self.closed_form:
             return lambda out, u: w * cross_entropy_hvp(out, u, batch)
         grad = torch.func.grad(lambda out: self.output_loss(out, batch))
         return lambda out, u: w * torch.func.jvp(grad, (out,), (u,))[1]
 
-    def _engine(self, b, mode):
-        return GaussNewtonProduct(self._outputs(b), self.space.point(b), self._output_hvp(b), self.keep_graph)
+    def _engine(self, term, mode, keep_graph):
+        return GaussNewtonProduct(self._outputs(term.batch), term.point, self._output_hvp(term.batch, term.weight),
+                                  keep_graph)
 
     def _gradient(self, b, x):
         """Gradient at x of the loss of the linearised outputs, out0 + J (x - x0); its Jacobian is G's block."""
-        g, x0, batch = self._outputs(b), self.space.point(b), self.batches[b]
+        batch = self.batches[b]
+        g, x0 = self._outputs(batch), self.space.point(b)
         out0, vjp = torch.func.vjp(g, x0)
         step = torch.func.jvp(g, (x0,), (tuple(a - c for a, c in zip(x, x0)),))[1]
         dloss = torch.func.grad(lambda out: self.output_loss(out, batch))(out0 + step)

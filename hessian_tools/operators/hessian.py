@@ -14,19 +14,21 @@ def default_loss(model, batch):
 
 
 class HessianOperator(BatchOperator):
-    def __init__(self, model, batches, space_factory, loss_fn, dtype, mode, keep_graph, batch_weight, chunk):
+    def __init__(self, model, batches, space_factory, loss_fn, dtype, mode, keep_graph, batch_weight, chunk,
+                 memory_budget=None):
         self.loss_fn = loss_fn or default_loss
-        super().__init__(model, batches, space_factory, self.loss_fn, dtype, mode, keep_graph, batch_weight, chunk)
+        super().__init__(model, batches, space_factory, self.loss_fn, dtype, mode, keep_graph, batch_weight, chunk,
+                         memory_budget)
 
-    def _function(self, b):
-        f, w = self.space.function(self.loss_fn, self.batches[b]), self.weights[b]
-        return lambda x: w * f(x)
+    def _function(self, batch, weight):
+        f = self.space.function(self.loss_fn, batch)
+        return lambda x: weight * f(x)
 
-    def _engine(self, b, mode):
-        return ENGINES[mode](self._function(b), self.space.point(b), self.keep_graph)
+    def _engine(self, term, mode, keep_graph):
+        return ENGINES[mode](self._function(term.batch, term.weight), term.point, keep_graph)
 
     def _gradient(self, b, x):
-        return torch.func.grad(self._function(b))(x)
+        return torch.func.grad(self._function(self.batches[b], self.weights[b]))(x)
 
     def settings(self) -> dict:
         return {**super().settings(), "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}

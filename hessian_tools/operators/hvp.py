@@ -1,18 +1,23 @@
 """Hessian-vector products of one scalar function f(x) at a point x0, in three modes (never `jacrev`).
 
 x0 and the tangents are tuples of tensors. `keep_graph=True` builds the reverse graph of the gradient once
-and reuses it for every product at the same point (memory: one double-backward graph per term).
+and reuses it for every product at the same point (memory: one double-backward graph per term); `release()`
+drops it. `many(T)` takes tangents with a leading axis of k columns and maps the product over it.
+- "double-backward": `torch.autograd.grad` with `create_graph=True`, then a backward of the gradient.
 - "rev-rev": `torch.func.vjp` of `torch.func.grad(f)`; the vjp function keeps the graph.
 - "fwd-rev": `torch.func.jvp` of `torch.func.grad(f)`; one forward-mode pass per product, nothing kept.
-- "double-backward": `torch.autograd.grad` with `create_graph=True`, then a backward of the gradient.
-`many(T)` takes tangents with a leading axis of k columns and maps the product over it.
-"""
 
-import time
+Cost in matrix-multiply flops (a linear map Y = X W costs 1 forward, 2 in the gradient's backward, so a
+gradient costs 3): a product on a kept graph differentiates the backward's 2 products (4) and back-propagates
+into the forward (2): 6 = 2 gradients, Pearlmutter's bound. A fresh product also builds the graph: a forward
+and the backward (3, of which the weight-gradient product, 1, is a value no HVP needs but autograd computes):
+9 = 3 gradients, 8 / 3 = 2.67 at best. fwd-rev: a dual forward (1 + 2) and a dual backward (2 + 4): 9 = 3.
+"""
 
 import torch
 
 MODES = ("rev-rev", "fwd-rev", "double-backward")
+AUTO_MODE = "double-backward"  # what "auto" runs: the fastest mode on CPU, kept and fresh (BENCHMARKS.md)
 
 
 class RevRev:
@@ -36,6 +41,9 @@ class RevRev:
         fn = self._vjp()
         return torch.func.vmap(lambda t: fn(t)[0])(T)
 
+    def release(self):
+        self._fn = None
+
 
 class FwdRev:
     name = "fwd-rev"
@@ -48,6 +56,9 @@ class FwdRev:
 
     def many(self, T):
         return torch.func.vmap(self)(T)
+
+    def release(self):
+        pass
 
 
 class DoubleBackward:
@@ -87,6 +98,9 @@ class DoubleBackward:
     def many(self, T):
         return self._backward(T, True)
 
+    def release(self):
+        self._graph = None
+
 
 ENGINES = {cls.name: cls for cls in (RevRev, FwdRev, DoubleBackward)}
 
@@ -116,20 +130,5 @@ class GaussNewtonProduct:
     def many(self, T):
         return torch.func.vmap(self)(T)
 
-
-def time_engines(f, x0, example, modes=MODES, keep_graph=True):
-    """{mode: seconds for one product after a warm-up product}, the warm engines, and the gradient time."""
-    timings, engines = {}, {}
-    grad = torch.func.grad(f)
-    grad(x0)
-    start = time.perf_counter()
-    grad(x0)
-    grad_s = time.perf_counter() - start
-    for mode in modes:
-        engine = ENGINES[mode](f, x0, keep_graph)
-        engine(example)
-        start = time.perf_counter()
-        engine(example)
-        timings[mode] = time.perf_counter() - start
-        engines[mode] = engine
-    return timings, engines, grad_s
+    def release(self):
+        self._vjp = None
