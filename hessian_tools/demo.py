@@ -341,14 +341,21 @@ def _finished(run_dir: Path) -> bool:
     return status.is_file() and json.loads(status.read_text()).get("status") in ("completed", "diverged")
 
 
-def results_of(exp: Experiment):
-    """The experiment's results (hessian_tools.results_bundle.Results), preparing what is missing."""
+def results_of(exp: Experiment, eos: bool = False):
+    """The experiment's results (hessian_tools.results_bundle.Results), preparing what is missing; with `eos`
+    also the edge-of-stability experiment in ROOT/eos (hessian_tools.eos, at this scale, "full" for "study")."""
     from hessian_tools.results_bundle import Results
 
     exp.prepare()
     lr_record = exp.lr_sweep()
+    summary = None
+    if eos:
+        from hessian_tools.eos import SCALES as EOS_SCALES, EosExperiment
+
+        scale = exp.scale if exp.scale in EOS_SCALES else "full"
+        summary = EosExperiment(scale, exp.root, exp.archs, exp.jobs, log=exp.log).prepare().summary()
     return Results.of(exp.records(), lr_record, exp.lr_curves(lr_record), exp.metrics(), exp.describe(),
-                      root=exp.root)
+                      root=exp.root, eos=summary)
 
 
 def demo(exp: Experiment, figures_out=None, out=sys.stdout) -> dict:

@@ -1,8 +1,9 @@
 """Regenerate every figure by executing the notebooks in notebooks/ with papermill, and the numbers of the
 figures' README from the same results.
 
-`render`: the experiment (hessian_tools.demo.Experiment at the chosen scale) is prepared once, its compact
-results (hessian_tools.results_bundle) written to OUT/results/, then every notebook plots that bundle and,
+`render`: the experiment (hessian_tools.demo.Experiment at the chosen scale, with the edge-of-stability runs of
+hessian_tools.eos) is prepared once, its compact results (hessian_tools.results_bundle) written to OUT/results/,
+then every notebook plots that bundle and,
 where OUT/README.md exists, its numbers section is rewritten from it (hessian_tools.findings). `render_from`
 does the last two steps from a bundle already there (the committed figures/results/). Each executed notebook
 is written to a temporary directory (or `executed`). The kernel is "python3" (ipykernel's spec; jupyter_client
@@ -91,6 +92,6 @@ def render(scale: str = "small", out="figures", root=None, jobs: int = 0, archs=
     notebooks(notebook_path)  # no notebooks: fail before the experiment
     exp = Experiment(scale, root, jobs=jobs, archs=archs, seeds=seeds, log=log)
     bundle = Path(out) / BUNDLE
-    results_of(exp).write(bundle)
+    results_of(exp, eos=True).write(bundle)
     result = render_from(bundle, out, notebook_path, executed, log)
     return {**result, "bundle": str(bundle), "wall_time_s": time.perf_counter() - start}

@@ -382,20 +382,32 @@ def _timing_lines(timing: dict) -> list[str]:
     return lines
 
 
-def write_readme(results_dir, readme) -> str:
-    """Rewrite the numbers section of `readme` from the results bundle in `results_dir`; returns the text."""
+def sections(results) -> dict:
+    """{section name: text} of figures/README.md computed from `results`: the numbers, and the edge-of-stability
+    section (hessian_tools.eos.findings) where the bundle holds its runs."""
+    from hessian_tools import eos
+
+    found = {SECTION: markdown(summarize(results))}
+    if results.eos.get("runs"):
+        found[eos.SECTION] = eos.findings(results.eos)
+    return found
+
+
+def write_readme(results_dir, readme) -> dict:
+    """Rewrite the computed sections of `readme` from the results bundle in `results_dir`; returns them."""
     from hessian_tools.results_bundle import Results
 
-    text = markdown(summarize(Results.load(results_dir)))
-    write_section(readme, SECTION, text)
-    return text
+    found = sections(Results.load(results_dir))
+    for name, text in found.items():
+        write_section(readme, name, text)
+    return found
 
 
-def readme_section(readme) -> str | None:
-    """The numbers section currently in `readme` (None without markers)."""
+def readme_section(readme, name: str = SECTION) -> str | None:
+    """Section `name` as it is in `readme` now (None without its markers)."""
     from hessian_tools.benchmarks_md import markers
 
-    text, (start, end) = Path(readme).read_text(), markers(SECTION)
+    text, (start, end) = Path(readme).read_text(), markers(name)
     if start not in text or end not in text:
         return None
     return text.split(start, 1)[1].split(end, 1)[0].strip("\n")

@@ -10,6 +10,8 @@ DIR/training.json    per main run (arch, seed) its final loss (the mean of its l
                      activation RMS every `stride` steps (and the last); per lr-sweep run (arch, lr, seed) its
                      loss curve
 DIR/experiment.json  the experiment's settings and timing (demo.Experiment.describe)
+DIR/eos.json         the edge-of-stability experiment's summary (hessian_tools.eos.EosExperiment.summary), floats
+                     to 6 significant digits; {} when it was not run
 Every reader (plotting, findings) works on full and compact records alike.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from hessian_tools.results_io import read_records
 
-FILES = ("records.jsonl", "lr_sweep.json", "training.json", "experiment.json")
+FILES = ("records.jsonl", "lr_sweep.json", "training.json", "experiment.json", "eos.json")
 STRIDE = 5  # training metrics kept every STRIDE steps
 FINAL_STEPS = 10  # the final loss of a run: the mean training loss of its last FINAL_STEPS steps
 _PROVENANCE = ("arch", "run_dir", "train_seed", "step", "measure", "site", "site_role", "layer", "settings_hash",
@@ -101,7 +103,7 @@ def final_loss(lines: list[dict]) -> float | None:
 class Results:
     """What the figures and findings read: sweep records, the lr sweep's record, its loss curves {(arch, lr,
     seed): [(step, loss)]}, the main runs' metrics {(arch, seed): [metrics lines]} and final losses {(arch, seed):
-    loss}, and the experiment's settings."""
+    loss}, the experiment's settings, and the edge-of-stability summary (hessian_tools.eos; {} when not run)."""
 
     records: list
     lr_sweep: dict
@@ -110,12 +112,13 @@ class Results:
     final_losses: dict
     experiment: dict = field(default_factory=dict)
     root: Path | None = None
+    eos: dict = field(default_factory=dict)
 
     @classmethod
-    def of(cls, records, lr_sweep, curves, metrics, experiment, root=None) -> "Results":
+    def of(cls, records, lr_sweep, curves, metrics, experiment, root=None, eos=None) -> "Results":
         """From full metrics lines (final losses computed from them)."""
         return cls(records, lr_sweep, curves, metrics, {k: final_loss(v) for k, v in metrics.items()}, experiment,
-                   root)
+                   root, eos or {})
 
     def write(self, directory) -> list[Path]:
         """The compact bundle into `directory` (module docstring); returns the files."""
@@ -131,7 +134,8 @@ class Results:
                          for (a, lr, s), points in sorted(self.curves.items())]}
         files = dict(zip(FILES, ("".join(line + "\n" for line in lines), json.dumps(_round(self.lr_sweep), indent=1),
                                  json.dumps(training, separators=(",", ":")),
-                                 json.dumps(self.experiment, indent=1, sort_keys=True))))
+                                 json.dumps(self.experiment, indent=1, sort_keys=True),
+                                 json.dumps(_round(self.eos), separators=(",", ":"), allow_nan=False))))
         for name, text in files.items():
             (directory / name).write_text(text if text.endswith("\n") else text + "\n")
         return [directory / name for name in FILES]
@@ -143,8 +147,10 @@ class Results:
         metrics = {(r["arch"], r["seed"]): r["lines"] for r in training["runs"]}
         losses = {(r["arch"], r["seed"]): r["final_loss"] for r in training["runs"]}
         curves = {(r["arch"], r["lr"], r["seed"]): [tuple(p) for p in r["curve"]] for r in training["lr_sweep"]}
+        eos = directory / "eos.json"
         return cls(read_records(directory / "records.jsonl"), json.loads((directory / "lr_sweep.json").read_text()),
-                   curves, metrics, losses, json.loads((directory / "experiment.json").read_text()), root=directory)
+                   curves, metrics, losses, json.loads((directory / "experiment.json").read_text()), root=directory,
+                   eos=json.loads(eos.read_text()) if eos.is_file() else {})
 
 
 def read_results(path) -> Results:

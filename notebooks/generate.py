@@ -3,7 +3,7 @@
 Each notebook has one cell tagged "parameters" (papermill) and calls the package: it plots `results` (a results
 bundle directory written by `hessian-tools figures`, or a sweep results file) or, when none is given, the
 experiment of hessian_tools.demo at `scale` in `root` (reusing whatever is done); the figure comes from
-hessian_tools.plotting and goes to `out` as PNG and PDF.
+hessian_tools.plotting (the edge-of-stability figure from hessian_tools.eos) and goes to `out` as PNG and PDF.
 """
 
 from pathlib import Path
@@ -33,7 +33,7 @@ from hessian_tools.demo import Experiment, results_of
 from hessian_tools.results_bundle import read_results
 
 if results is None:
-    res = results_of(Experiment(scale, root, jobs=jobs, archs=archs, seeds=seeds))
+    res = results_of(Experiment(scale, root, jobs=jobs, archs=archs, seeds=seeds), eos={eos})
 else:
     res = read_results(results)'''
 
@@ -83,20 +83,19 @@ NOTEBOOKS = {
     "07_eos": (
         "# Edge of stability\n\nFull-batch gradient descent at constant learning rates on a fixed training subset: "
         "the sharpness lambda_max of the full-batch loss, tracked during training, against 2 / lr (dashed), and "
-        "the loss beneath (Cohen et al. 2021, Figure 1), per architecture and seed. Writes eos.json and the eos "
-        "section of README.md beside the figure (hessian_tools.eos).",
-        "from hessian_tools import eos\n\n"
-        "paths = eos.write_outputs(eos.EosExperiment(scale, root, archs, jobs).prepare().summary(), out)",
-        False,
+        "the loss beneath (Cohen et al. 2021, Figure 1), per architecture and seed (hessian_tools.eos).",
+        "from hessian_tools import eos\n\npaths = eos.figure(res.eos, out)",
+        True,
     ),
 }
 
 
-def notebook(title: str, figure: str) -> nbformat.NotebookNode:
+def notebook(title: str, figure: str, eos: bool = False) -> nbformat.NotebookNode:
+    """The notebook: title, parameters, SETUP (with the edge-of-stability runs when `eos`), the figure cell."""
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell(PARAMETERS)
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(title), params, nbformat.v4.new_code_cell(SETUP),
+    nb.cells = [nbformat.v4.new_markdown_cell(title), params, nbformat.v4.new_code_cell(SETUP.format(eos=eos)),
                 nbformat.v4.new_code_cell(f"{figure}\nImage(paths[0])")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -107,8 +106,8 @@ def notebook(title: str, figure: str) -> nbformat.NotebookNode:
 
 def main():
     here = Path(__file__).parent
-    for name, (title, figure) in NOTEBOOKS.items():
-        nbformat.write(notebook(title, figure), here / f"{name}.ipynb")
+    for name, (title, figure, *eos) in NOTEBOOKS.items():
+        nbformat.write(notebook(title, figure, *eos), here / f"{name}.ipynb")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_every_notebook_ran_and_every_figure_was_written(rendered):
 
 
 def test_the_bundle_is_compact_and_the_readme_numbers_come_from_it(rendered, tmp_path):
+    from hessian_tools import eos
     from hessian_tools.findings import markdown, readme_section, summarize
     from hessian_tools.results_bundle import FILES, Results
 
@@ -63,6 +64,10 @@ def test_the_bundle_is_compact_and_the_readme_numbers_come_from_it(rendered, tmp
     text = (out / "README.md").read_text()
     assert text.startswith("# Figures\n\nWritten by hand.\n")
     assert readme_section(out / "README.md") == markdown(summarize(results))
+    # the edge-of-stability runs are part of the bundle, and their section of the README is computed from it
+    assert {(r["arch"], r["lr"]) for r in results.eos["runs"]} == {(a, lr) for a in ARCHS for lr in (0.3, 1.0)}
+    assert readme_section(out / "README.md", eos.SECTION) == eos.findings(results.eos)
+    assert "figures/results/eos.json" in text
     assert "simplegpt vs llama2" in text and "gpt2" in text
     for nb_path in result["notebooks"]:  # every notebook plotted the bundle, not the experiment directory
         assert f"results = \"{bundle}\"" in open(nb_path).read().replace("\\\"", "\"")
