@@ -5,8 +5,10 @@ skips what the file already holds (same run, step, measure, site, settings and m
 be measured (a checkpoint that does not load, missing optimizer state, a failed solve) is reported on stderr in
 one line and recorded with status "failed: REASON"; the sweep goes on and exits 1. Parameter-space measures
 carry the jackknife over --groups batch groups, activation sites the spread over batches (see
-hessian_tools.sweep_measures).
+hessian_tools.sweep_measures). Ctrl-C or SIGTERM stops it, keeping every record written (exit 130 / 143).
 """
+
+import sys
 
 from hessian_tools.cli.common import DATA_FLAG, add_source_flags
 from hessian_tools.sweep import WHAT, SweepSettings
@@ -64,9 +66,17 @@ def settings_from_args(args):
 
 
 def run(args) -> int:
+    from hessian_tools.cli.train import interrupt_exit, terminate_as_interrupt
     from hessian_tools.sweep import sweep
 
-    summary = sweep(args.runs, args.out, settings_from_args(args), progress=not args.quiet)
+    try:
+        with terminate_as_interrupt():
+            summary = sweep(args.runs, args.out, settings_from_args(args), progress=not args.quiet)
+    except KeyboardInterrupt as exc:
+        sig, code = interrupt_exit(exc)
+        print(f"hessian-tools sweep: interrupted by {sig.name}; the records written so far are kept in {args.out}: "
+              "rerun the same command to measure the rest", file=sys.stderr)
+        return code
     print(f"{summary['measured']} measured, {summary['skipped']} already in {summary['out']}, "
           f"{summary['failed']} failed ({summary['wall_time_s']:.1f} s)")
     return 1 if summary["failed"] else 0
