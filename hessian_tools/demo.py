@@ -59,33 +59,41 @@ class Scale:
     archs: tuple = ARCHS
 
 
-# Over training: the raw and the layer-scaled lambda_max. At the last checkpoint of every seed: those with the
-# jackknife, the other comparable measures, the sample-size curve, the activation sites (attention input, FFN
-# input, block output of every block) and the density; the bound for the first seed (it checks every layer).
+# The demo's plan (cut to fit its 10 minutes on 2 cores): over training, the raw and the layer-scaled lambda_max
+# of the first seed; at the last checkpoint of every seed, those with the jackknife, the other comparable measures
+# and the activation sites (attention input, FFN input, block output of every block); for the first seed the
+# sample-size curve, the density and the bound (on the query maps). The study's plan: everything at every seed,
+# the bound on every layer.
 BRANCH_AND_OUTPUT_SITES = r"(attention|attn|feed_forward|mlp):in$|^(layers|transformer\.h)\.\d+:out$"
-_PLAN = (Measurement(("params.lambda_max", "layer.lambda_max"), at="before_last"),
+QUERY_MAPS = r"\.(wq|snq|c_attn|c_q)$"
+_PLAN = (Measurement(("params.lambda_max", "layer.lambda_max"), at="before_last", seeds=1),
          Measurement(("params.lambda_max", "layer.lambda_max"), n_groups=8),
-         Measurement(("elementwise.lambda_max", "adam", "sample_size", "activation", "density")),
+         Measurement(("elementwise.lambda_max", "adam", "activation")),
+         Measurement(("sample_size", "density"), seeds=1),
          Measurement(("bound",), seeds=1))
+_STUDY_PLAN = (Measurement(("params.lambda_max", "layer.lambda_max"), at="before_last"), _PLAN[1],
+               Measurement(("elementwise.lambda_max", "adam", "activation", "sample_size", "density")),
+               Measurement(("bound",)))
 _SWEEP = dict(n_batches=8, batch_size=1, dtype="float64", tol=1e-3, fuse_batches=True, sites=BRANCH_AND_OUTPUT_SITES)
 _SWEEP_FULL = dict(_SWEEP, density_probes=2, density_iter=40, density_grid=(-30.0, 120.0, 1501), density_width=0.3)
-_FULL_TRAIN = dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=75, warmup=30,
-                   lr=3e-3)
 SCALES = {
     # the test scale: dim 16, 1 layer, 20 steps, 2 checkpoints, one seed, the bound on the query map only
     "tiny": Scale("tiny", dict(dim=16, n_layers=1, n_heads=2, seq_len=8, batch_size=4, steps=20, save_every=10,
                                warmup=2, lr=1e-2), 1, (1e-2, 3e-1), 10,
-                  dict(_SWEEP, layers=r"\.(wq|snq|c_attn|c_q)$", density_probes=2, density_iter=12,
+                  dict(_SWEEP, layers=QUERY_MAPS, density_probes=2, density_iter=12,
                        density_grid=(-20.0, 80.0, 201), density_width=2.0), _PLAN),
     # the notebooks' default when no results are given: a few minutes on 2 cores
     "small": Scale("small", dict(dim=32, n_layers=2, n_heads=4, seq_len=32, batch_size=8, steps=120, save_every=40,
                                  warmup=12, lr=3e-3), 1, (3e-2, 0.3, 1.0), 40,
                    dict(_SWEEP_FULL, density_iter=30, density_grid=(-30.0, 120.0, 601)), _PLAN),
-    # the demo and the committed figures: dim 64, 2 layers, 300 steps, 3 seeds
-    "full": Scale("full", _FULL_TRAIN, 3, (0.1, 0.2, 0.4, 0.7, 1.0), 80, _SWEEP_FULL, _PLAN),
-    # the larger multi-seed study: the full models, 5 seeds, a finer lr grid, 16 batches, the bound at every seed
-    "study": Scale("study", _FULL_TRAIN, 5, (3e-2, 1e-1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4), 80,
-                   dict(_SWEEP_FULL, n_batches=16, density_probes=3), (*_PLAN[:3], Measurement(("bound",)))),
+    # the demo and the committed figures: dim 64, 2 layers, context 32, 200 steps, 3 seeds
+    "full": Scale("full", dict(dim=64, n_layers=2, n_heads=4, seq_len=32, batch_size=16, steps=200, save_every=50,
+                               warmup=20, lr=3e-3), 3, (0.1, 0.2, 0.4, 0.7, 1.0), 80,
+                  dict(_SWEEP_FULL, layers=QUERY_MAPS), _PLAN),
+    # the larger multi-seed study: context 64, 300 steps, 5 seeds, a finer lr grid, 16 batches, the study's plan
+    "study": Scale("study", dict(dim=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16, steps=300, save_every=75,
+                                 warmup=30, lr=3e-3), 5, (3e-2, 1e-1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4), 80,
+                   dict(_SWEEP_FULL, n_batches=16, density_probes=3), _STUDY_PLAN),
 }
 DEFAULT_ROOT = Path("demo_runs")
 TIMING_FILE = "timing.json"
