@@ -52,7 +52,7 @@ SCALES = {
     "small": EosScale("small", dict(_GD, dim=32, n_layers=2, n_heads=4, seq_len=32, train_subset=32, batch_size=32,
                                     steps=100, track_every=10), (0.3, 1.0), (0,)),
     "full": EosScale("full", dict(_GD, dim=32, n_layers=2, n_heads=4, seq_len=32, train_subset=32, batch_size=32,
-                                  steps=200, track_every=10), (0.1, 0.3, 1.0), (0, 1, 2)),
+                                  steps=200, track_every=10), (0.3, 1.0), (0, 1, 2)),
 }
 
 

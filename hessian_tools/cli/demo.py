@@ -18,7 +18,7 @@ def add_parser(subparsers, name):
     p.add_argument("--out", default=None, metavar="DIR",
                    help="experiment directory (default demo_runs/SCALE; reused by later calls)")
     p.add_argument("--scale", default="full", choices=tuple(SCALES),
-                   help="model and run sizes (default full: dim 64, 2 layers, 300 steps, 3 seeds)")
+                   help="model and run sizes (default full: dim 64, 2 layers, context 32, 200 steps, 3 seeds)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="training seeds 0 .. N-1 of every run and of the lr sweep (default: the scale's, 3 at full)")
     p.add_argument("--steps", type=int, default=None, help="training steps of the main runs (default: the scale's)")
