@@ -289,7 +289,11 @@ def _interval(x) -> str:
 def markdown(summary: dict) -> str:
     """The numbers section of figures/README.md (between the markers `SECTION`)."""
     exp, archs = summary["experiment"], summary["archs"]
-    train, lr, sweep = exp.get("train", {}), exp.get("lr_sweep", {}), exp.get("sweep", {})
+    from models.train_config import OPTIMIZER_DEFAULTS, field_defaults
+
+    train = {**field_defaults(), **exp.get("train", {})}
+    train = {**train, **{k: v for k, v in OPTIMIZER_DEFAULTS[train["optimizer"]].items() if train[k] is None}}
+    lr, sweep = exp.get("lr_sweep", {}), exp.get("sweep", {})
     seeds = exp.get("seeds", [])
     out = [f"Written by `hessian_tools.findings` from `figures/results/` (scale `{exp.get('scale')}`, version "
            f"{exp.get('version')}); `python -m hessian_tools.findings figures/results figures/README.md` rewrites it.",
@@ -302,7 +306,8 @@ def markdown(summary: dict) -> str:
            f"- Learning-rate sweep: the same models and seeds, {lr.get('steps')} steps ({lr.get('warmup')} warm-up), lr in "
            f"{{{', '.join(num(x) for x in lr.get('lrs', []))}}}. {summary['lr_sweep'].get('criterion') or ''}",
            f"- Hessian sweep: {sweep.get('n_batches')} fixed held-out batches of {sweep.get('batch_size')} x "
-           f"{train.get('seq_len')} tokens per run, float32 products, Lanczos tolerance {num(sweep.get('tol'))}. "
+           f"{train.get('seq_len')} tokens per run, {sweep.get('dtype')} products, Lanczos tolerance "
+           f"{num(sweep.get('tol'))}. "
            "Measured: " + "; ".join(_measurement_text(m, exp) for m in exp.get("measurements", [])) + ".",
            "", "### Wall time", "", *_timing_lines(exp.get("timing", {})), "",
            "### Per architecture at the last checkpoint", "",
@@ -333,7 +338,7 @@ def markdown(summary: dict) -> str:
         if e["sample_size"]:
             out.append(f"- {arch}: " + ", ".join(f"n = {n}: {spread_text(s)}" for n, s in e["sample_size"].items()))
     out += ["", "### Activation sites (scale-free ms x ||H_b||, mean over batches; mean [min, max] over seeds)", ""]
-    roles = sorted({(k[1], k[0]) for e in archs.values() for k in e["activation"]["activation.scale_free"]},
+    roles = sorted({(k[1], k[0]) for e in archs.values() for k in e["activation"]["activation.scale_free"] if k[0]},
                    key=lambda lr: (lr[0], ROLES.index(lr[1]) if lr[1] in ROLES else len(ROLES)))
     if roles:
         out += ["| arch | " + " | ".join(f"{role} {layer}" for layer, role in roles) + " |",
