@@ -13,7 +13,9 @@ figures/README.md section. The raw parameter-space sharpness is what gradient de
 in the coordinates it steps in; it is not invariant to reparametrisations (a SimpleNorm weight W -> cW moves its
 block of H as 1 / c^2), so architectures are compared here by what their runs do at the same lr: whether
 lambda_max reaches and tracks 2 / lr, whether the run diverges, the loss they reach.
-`python -m hessian_tools.eos --scale full --out figures` runs it and writes eos.json, the figure and the section.
+`hessian-tools figures` runs it with the other figures (its summary in OUT/results/eos.json, hessian_tools.
+results_bundle); `python -m hessian_tools.eos --scale full --out DIR` runs it alone and writes DIR/eos.json, the
+figure and the section.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SCALES = {
     "small": EosScale("small", dict(_GD, dim=32, n_layers=2, n_heads=4, seq_len=32, train_subset=32, batch_size=32,
                                     steps=100, track_every=10), (0.3, 1.0), (0,)),
     "full": EosScale("full", dict(_GD, dim=32, n_layers=2, n_heads=4, seq_len=32, train_subset=32, batch_size=32,
-                                  steps=200, track_every=10), (0.1, 0.3, 1.0), (0, 1, 2)),
+                                  steps=200, track_every=10), (0.3, 1.0), (0, 1, 2)),
 }
 
 
@@ -143,8 +145,8 @@ def findings(summary: dict) -> str:
     runs, spec = summary["runs"], {**field_defaults(), **summary["settings"]}
     wall = sum(r["wall_time_s"] for r in runs)
     lines = ["## Edge of stability (`eos`)", "",
-             f"Made by `python -m hessian_tools.eos --scale {summary['scale']} --out figures` (also the notebook "
-             f"`07_eos.ipynb`), from `figures/eos.json`. Full-batch gradient descent (no momentum, weight decay or "
+             f"Made by `hessian-tools figures` (notebook `07_eos.ipynb`, eos scale {summary['scale']}) from "
+             f"`figures/results/eos.json`; `python -m hessian_tools.eos` runs it alone. Full-batch gradient descent (no momentum, weight decay or "
              f"clipping) on {spec['train_subset']} fixed training sequences of {spec['seq_len']} tokens (embedded "
              f"corpus, char level), dim {spec['dim']}, layers {spec['n_layers']}, heads {spec['n_heads']}, "
              f"{spec['steps']} steps at constant lr {', '.join(f'{x:g}' for x in summary['lrs'])}, seeds "
@@ -229,7 +231,9 @@ def figure(summary: dict, out, name: str = "eos") -> list[Path]:
 
     from hessian_tools.plotting import save
 
-    archs = [a for a in ARCHS if any(r["arch"] == a for r in summary["runs"])] or list(summary["archs"])
+    if not summary.get("runs"):
+        raise UserError("no edge-of-stability runs in these results; `hessian-tools figures` runs them")
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in summary["runs"])]
     cmap = plt.get_cmap("plasma", len(summary["lrs"]) + 1)
     colour = {lr: cmap(k) for k, lr in enumerate(sorted(summary["lrs"]))}
     fig, axes = plt.subplots(2, len(archs), figsize=(3.6 * len(archs), 6), squeeze=False, sharex=True,

@@ -1,24 +1,29 @@
 """Checkpoint sweeps: every checkpoint of every run measured on the run's fixed batches, one JSON line per result.
 
-A unit of work is (run, checkpoint step, measure, site). Measures (grouped by `what`):
-  params      params.lambda_max (Lanczos, largest) and params.spectral_norm (Lanczos, largest |lambda|) of the
-              parameter-space Hessian; with n_groups >= 2 each also carries the data error bar: the same
-              estimate on n_groups disjoint groups of the batches (payload "data_spread": group values, their
-              std and std / sqrt(n_groups), the standard error of the estimate on the union).
-  activation  activation.spectral_norm at each site (default sites: see `default_sites`).
-  bound       bound.hxx: theory.verify's row (measured ||H_xx||, the bound, tightness, ||C||/||GN||) per layer.
-  adam        adam.sharpness: Adam's preconditioned sharpness lambda_max(P^-1 H) beside 38 / lr (theory.checks).
-  density     params.density: SLQ density on the fixed grid and width of the settings.
-  trace       params.trace: Hutch++ trace with its standard error.
+A unit of work is (run, checkpoint, measure, site). Measures, grouped by `what` (hessian_tools.sweep_measures
+says what each computes, its solver interval and its data error bar):
+  params       params.lambda_max, params.spectral_norm: the raw parameter-space Hessian
+  scaled       layer.lambda_max, elementwise.lambda_max: in coordinates that function-preserving rescalings of
+               the weights cannot change, comparable across architectures
+  adam         adam.sharpness: lambda_max(P^-1 H) with Adam's preconditioner, beside 38 / lr
+  activation   activation.spectral_norm and activation.scale_free at each site: by default the sites by role,
+               the same in every architecture (`default_sites`); `sites` (a regex) picks per-module sites instead
+  sample_size  params.sample_size_curve: lambda_max on 1, 2, 4, ..., N batches (its drift is the bias)
+  bound        bound.hxx: theory.verify's row per layer (measured ||H_xx||, the bound, tightness, ||C|| / ||GN||)
+  density      params.density: SLQ density on the fixed grid and width of the settings
+  trace        params.trace: Hutch++ trace with its standard error
 Every checkpoint of a run is measured on the same batches (Checkpoint.measurement_batches with the settings'
-n_batches, batch_size, seq_len and seed) and the same seeded probes. Lanczos is warm-started from the previous
-checkpoint's top Ritz vector of the same run and measure (lanczos mixes in its own seeded noise, on which its
-upper bound rests); warm starts live in memory, so a restarted sweep starts cold.
+n_batches, batch_size, seq_len and seed) and the same seeded probes.
 
-A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, version, seed, batches, tokens, dtype,
-measure, site, settings hash). Restart: units whose key (run, step, measure, site, settings hash) already has
-a record with a status other than "error" are skipped; an error is retried, and written again only when its
-message changed. Records are appended with hessian_tools.results_io (one locked write per line).
+A record is an Estimate dict plus provenance (run dir, arch, step, checkpoint, the SHA-256 of its model file,
+training seed, version, batches, tokens, dtype, measure, site, settings hash). Its key (`record_key`) is (run
+dir, step, measure, site, settings hash, model SHA-256): a run directory re-created with another model gets
+new records. Restart: units with a record of status "ok" under their key are skipped. A unit that cannot be
+measured (its checkpoint does not load, its metadata is corrupt, its optimizer state is missing, its solve
+fails) gets a failure record: status "failed: REASON" (one line), value null; failures are retried on the
+next sweep and written again only when the reason changed. Records are appended with hessian_tools.results_io
+(one locked write per line; the key check under the lock covers failure records too, so concurrent sweeps
+write each once). A sweep that recorded a failure says so in its summary (the CLI then exits 1).
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,30 +43,38 @@ from torch import nn
 
 from hessian_tools import __version__
 from hessian_tools.errors import UserError
+from hessian_tools.estimators.data_error import MIN_GROUPS
 from hessian_tools.records import Estimate
 from hessian_tools.results_io import append_record, read_records
+from hessian_tools.sweep_measures import QUANTITY, Measurer
 
-WHAT = ("params", "activation", "bound", "adam", "density", "trace")
+WHAT = ("params", "scaled", "adam", "activation", "sample_size", "bound", "density", "trace")
 MEASURES = {
     "params": ("params.lambda_max", "params.spectral_norm"),
-    "activation": ("activation.spectral_norm",),
-    "bound": ("bound.hxx",),
+    "scaled": ("layer.lambda_max", "elementwise.lambda_max"),
     "adam": ("adam.sharpness",),
+    "activation": ("activation.spectral_norm", "activation.scale_free"),
+    "sample_size": ("params.sample_size_curve",),
+    "bound": ("bound.hxx",),
     "density": ("params.density",),
     "trace": ("params.trace",),
 }
+MEASURE_NAMES = tuple(m for group in MEASURES.values() for m in group)
 _LANCZOS = ["tol", "max_iter", "dtype"]
+_JACKKNIFED = _LANCZOS + ["n_groups"]
 MEASURE_FIELDS = {
-    "params.lambda_max": _LANCZOS + ["n_groups"],
-    "params.spectral_norm": _LANCZOS + ["n_groups"],
+    "params.lambda_max": _JACKKNIFED,
+    "params.spectral_norm": _JACKKNIFED,
+    "layer.lambda_max": _JACKKNIFED,
+    "elementwise.lambda_max": _JACKKNIFED,
+    "adam.sharpness": _JACKKNIFED,
+    "params.sample_size_curve": _LANCZOS,
     "activation.spectral_norm": _LANCZOS,
+    "activation.scale_free": _LANCZOS,
     "bound.hxx": ["tol"],  # theory.verify works in float64
-    "adam.sharpness": ["tol"],
     "params.density": ["dtype", "density_probes", "density_iter", "density_grid", "density_width"],
     "params.trace": ["dtype", "trace_matvecs"],
-    "checkpoint.load": [],  # the error record of a checkpoint that cannot be loaded
 }
-ATTENTION_NAMES, FFN_NAMES = ("attention", "attn"), ("feed_forward", "mlp")
 
 
 @dataclass(frozen=True)
@@ -71,26 +82,30 @@ class SweepSettings:
     """What to measure and how. The fields after `steps` fix the numbers (MEASURE_FIELDS: which enter the
     settings hash of each measure).
 
-    what: groups of measures (WHAT); sites: regex over site names replacing the default activation sites;
-    steps: only checkpoints at these steps (None = all; -1 = each run's last). Batches: n_batches fixed
-    held-out batches of batch_size sequences of seq_len tokens (None = the model's context), chosen by seed.
-    tol: relative Lanczos tolerance; dtype: evaluation dtype; n_groups: disjoint batch groups of the data
-    error bar (< 2 = none). density_*: SLQ probes, Lanczos steps, fixed grid (lo, hi, points) and Gaussian
-    width; trace_matvecs: Hutch++ budget. tokens / tokenizer / data: the measurement tokens (models.tokens;
-    None = each run's own text); when set, their paths enter the settings hash.
+    what: groups of measures (WHAT) or measure names (MEASURE_NAMES); sites: regex over per-module site names (models.sites.list_sites) replacing
+    the role sites; layers: regex over the layers of the bound (theory.verify.bound_layers; None = all); steps: only checkpoints at these steps (None = all; -1 = each run's last). Batches: n_batches
+    fixed held-out batches of batch_size sequences of seq_len tokens (None = the model's context), chosen by seed.
+    tol: relative Lanczos tolerance; dtype: evaluation dtype; n_groups: disjoint batch groups of the jackknife
+    (0 = no data error bar for the parameter-space measures, else >= 8 dividing n_batches); fuse_batches: evaluate
+    each parameter-space operator's batches as one batch (the same numbers to rounding, so not in the hash;
+    sweep_measures). density_*: SLQ probes, Lanczos steps, fixed grid (lo, hi, points) and Gaussian width;
+    trace_matvecs: Hutch++ budget. tokens / tokenizer / data: the measurement tokens (models.tokens; None = each
+    run's own text); when set, their paths enter the settings hash.
     """
 
     what: tuple = ("params",)
     sites: str | None = None
+    layers: str | None = None
     steps: tuple | None = None
-    n_batches: int = 4
-    batch_size: int = 8
+    n_batches: int = 8
+    batch_size: int = 4
     seq_len: int | None = None
     seed: int = 0
     tol: float = 1e-3
     max_iter: int | None = None
     dtype: str = "float32"
-    n_groups: int = 2
+    n_groups: int = 8
+    fuse_batches: bool = False
     density_probes: int = 4
     density_iter: int = 40
     density_grid: tuple = (-50.0, 450.0, 1001)
@@ -102,15 +117,16 @@ class SweepSettings:
 
     def __post_init__(self):
         what = tuple(self.what)
-        unknown = [w for w in what if w not in WHAT]
+        unknown = [w for w in what if w not in WHAT and w not in MEASURE_NAMES]
         if not what or unknown:
-            raise UserError(f"unknown --what {','.join(unknown) or '(empty)'}; choose from {','.join(WHAT)}")
+            raise UserError(f"unknown --what {','.join(unknown) or '(empty)'}; choose from {','.join(WHAT)} "
+                            "or measure names such as params.lambda_max")
         object.__setattr__(self, "what", what)
-        if self.sites is not None:
+        for flag, pattern in (("--sites", self.sites), ("--layers", self.layers)):
             try:
-                re.compile(self.sites)
+                re.compile(pattern or "")
             except re.error as exc:
-                raise UserError(f"--sites {self.sites!r} is not a valid regular expression ({exc})") from None
+                raise UserError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
         for name in ("n_batches", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -118,7 +134,10 @@ class SweepSettings:
             raise UserError(f"--dtype {self.dtype} is not supported; use float32 or float64")
         if not self.tol > 0:
             raise UserError(f"--tol must be positive, got {self.tol}")
-        if self.n_groups >= 2 and self.n_batches % self.n_groups:
+        if self.n_groups and self.n_groups < MIN_GROUPS:
+            raise UserError(f"--groups {self.n_groups}: the jackknife needs at least {MIN_GROUPS} groups "
+                            "(or --groups 0 for no data error bar)")
+        if self.n_groups and self.n_batches % self.n_groups:
             raise UserError(f"{self.n_batches} batches cannot form {self.n_groups} equal groups for the data "
                             f"error bar: pass --batches as a multiple of --groups (or --groups 0)")
         object.__setattr__(self, "density_grid", tuple(float(x) for x in self.density_grid))
@@ -126,6 +145,11 @@ class SweepSettings:
             object.__setattr__(self, name, str(Path(value).resolve()))
         if self.steps is not None:
             object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+
+    def measures(self) -> list[str]:
+        """The measure names `what` asks for, in order."""
+        names = [m for w in self.what for m in MEASURES.get(w, (w,))]
+        return list(dict.fromkeys(names))
 
     def numbers(self, measure: str) -> dict:
         """The settings that determine the numbers of `measure` (its settings hash is made of these)."""
@@ -150,49 +174,53 @@ class Unit:
     site: str | None = None
     role: str | None = None
     layer: int | None = None
+    model_sha256: str | None = None
 
 
 def record_key(record: dict) -> tuple:
-    """(run dir, step, measure, site, settings hash) of a sweep record."""
-    p = record.get("provenance", {})
-    return p.get("run_dir"), p.get("step"), p.get("measure"), p.get("site"), p.get("settings_hash")
+    """(run dir, step, measure, site, settings hash, model SHA-256) of a sweep record."""
+    p = record.get("provenance") or {}
+    return (p.get("run_dir"), p.get("step"), p.get("measure"), p.get("site"), p.get("settings_hash"),
+            p.get("model_sha256"))
+
+
+def write_key(record: dict) -> tuple:
+    """What results_io.append_record compares under its lock: the record key, plus for a failure its status (a
+    success and a failure of the same unit differ; two equal failures do not)."""
+    return record_key(record) + (("ok",) if record.get("status") == "ok" else ("failed", record.get("status")))
 
 
 def unit_key(unit: Unit, settings: "SweepSettings") -> tuple:
-    return str(unit.run_dir), unit.step, unit.measure, unit.site, settings.hash(unit.measure)
+    return (str(unit.run_dir), unit.step, unit.measure, unit.site, settings.hash(unit.measure), unit.model_sha256)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_digest(checkpoint: Path) -> str | None:
+    """SHA-256 of the checkpoint's model.safetensors (None when it cannot be read); cached per size and mtime."""
+    file = Path(checkpoint) / "model.safetensors"
+    try:
+        stat = file.stat()
+        return _file_digest(str(file), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return None
 
 
 # ---- sites and layers ---------------------------------------------------------------------------------------
 
 
-def _first_map(block: nn.Module, prefix: str, branch_names) -> str | None:
-    """Name of the first linear map (nn.Linear or SimpleNorm) inside the block's branch, or None."""
-    from models.norms import SimpleNorm
-
-    for branch in branch_names:
-        if hasattr(block, branch):
-            for name, module in getattr(block, branch).named_modules():
-                if isinstance(module, (nn.Linear, SimpleNorm)):
-                    return f"{prefix}.{branch}.{name}"
-    return None
-
-
 def default_sites(model: nn.Module) -> list[tuple[str, str, int]]:
-    """[(site, role, layer)]: per block i, three sites comparable across the five architectures:
-    attn_in = the input of the attention branch's first map (q of a split attention: wq, snq, c_q; gpt2's
-    fused c_attn), ffn_in = the input of the FFN's first map (the gate w1 / sn1, or c_fc), block_out = the
-    residual stream after the block. (A branch's output site would repeat a residual-stream Hessian: the loss
-    sees a branch output only through the residual sum, so their Hessians are equal.)"""
-    from models.train import blocks
+    """[(site, role, layer)]: the sites by role (models.sites.role_sites), the same in every architecture:
+    block_in of block 0, then per block attn_in, ffn_in, block_out. block_in of block i > 0 is left out: it is
+    block_out of block i - 1, the same tensor read by block i alone, so its Hessian is the same."""
+    from models.sites import ROLES, role_sites
 
-    sites = []
-    for i, (prefix, block) in enumerate(blocks(model).items()):
-        for role, names in (("attn_in", ATTENTION_NAMES), ("ffn_in", FFN_NAMES)):
-            name = _first_map(block, prefix, names)
-            if name is not None:
-                sites.append((f"{name}:in", role, i))
-        sites.append((f"{prefix}:out", "block_out", i))
-    return sites
+    return [(sites[role], role, i) for i, sites in enumerate(role_sites(model)) for role in ROLES
+            if role != "block_in" or i == 0]
 
 
 def _layer_of(name: str) -> int | None:
@@ -201,12 +229,12 @@ def _layer_of(name: str) -> int | None:
 
 
 def select_sites(model: nn.Module, pattern: str | None) -> list[tuple[str, str | None, int | None]]:
-    """The default sites, or every site of models.sites.list_sites whose name matches `pattern`."""
+    """The role sites, or every site of models.sites.list_sites whose name matches `pattern` (for experts)."""
     if pattern is None:
         return default_sites(model)
-    from models.sites import list_sites
+    from models.sites import list_sites, role_sites
 
-    roles = {site: role for site, role, _ in default_sites(model)}
+    roles = {site: role for block in role_sites(model) for role, site in block.items()}
     chosen = [(s, roles.get(s), _layer_of(s)) for s in list_sites(model) if re.search(pattern, s)]
     if not chosen:
         raise UserError(f"--sites {pattern!r} matches no site of {model.config.arch}; "
@@ -217,22 +245,25 @@ def select_sites(model: nn.Module, pattern: str | None) -> list[tuple[str, str |
 # ---- planning ------------------------------------------------------------------------------------------------
 
 
-def _skeleton(checkpoint: Path) -> nn.Module:
-    """The run's model built on the meta device from its meta.json (names and module types only)."""
+def _skeleton(checkpoint: Path) -> nn.Module | None:
+    """The run's model built on the meta device from its meta.json (names and module types only); None when
+    the record cannot be read (its units then fail when the checkpoint is loaded, with the reason)."""
     from models.config import GPTConfig
     from models.gpt import build_model
 
     try:
         config = GPTConfig.from_dict(json.loads((checkpoint / "meta.json").read_text())["model_config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{checkpoint}/meta.json: not a valid checkpoint record ({exc})") from None
-    with torch.device("meta"):
-        return build_model(config)
+        with torch.device("meta"):
+            return build_model(config)
+    except Exception:  # noqa: BLE001 - any unreadable record: the load reports it
+        return None
 
 
 def plan(run_dirs, settings: SweepSettings) -> list[Unit]:
-    """Every unit of the sweep in order (run, step, measure, site); UserError for a run dir without checkpoints."""
+    """Every unit of the sweep in order (run, step, site, measure); UserError for a run dir without checkpoints.
+    A checkpoint whose metadata cannot be read still gets its units (site None where the sites are unknown)."""
     from models.checkpoint import CKPT_RE, list_checkpoints
+    from theory.verify import bound_layers
 
     units = []
     for run_dir in run_dirs:
@@ -244,178 +275,77 @@ def plan(run_dirs, settings: SweepSettings) -> list[Unit]:
             last = int(CKPT_RE.match(found[-1].name).group(1))
             wanted = {last if s == -1 else s for s in settings.steps}
             found = [c for c in found if int(CKPT_RE.match(c.name).group(1)) in wanted]
-        from theory.verify import bound_layers
-
-        skeleton = None
         for ckpt in found:
-            step = int(CKPT_RE.match(ckpt.name).group(1))
-            for what in settings.what:
-                if what == "activation":
-                    skeleton = skeleton or _skeleton_or_none(ckpt)
-                    sites = select_sites(skeleton, settings.sites) if skeleton is not None else []
-                    units += [Unit(run_dir, ckpt, step, MEASURES[what][0], s, r, i) for s, r, i in sites]
-                elif what == "bound":
-                    skeleton = skeleton or _skeleton_or_none(ckpt)
-                    layers = bound_layers(skeleton) if skeleton is not None else []
-                    units += [Unit(run_dir, ckpt, step, "bound.hxx", name, kind, _layer_of(name))
-                              for name, kind in layers]
-                else:
-                    units += [Unit(run_dir, ckpt, step, m) for m in MEASURES[what]]
+            step, digest = int(CKPT_RE.match(ckpt.name).group(1)), model_digest(ckpt)
+            unit = functools.partial(Unit, run_dir, ckpt, step, model_sha256=digest)
+            measures = settings.measures()
+            at_sites = [m for m in measures if m.startswith("activation.")]  # measured site by site
+            skeleton = _skeleton(ckpt) if at_sites or "bound.hxx" in measures else None
+            for m in measures:
+                if m in at_sites[:1]:
+                    sites = select_sites(skeleton, settings.sites) if skeleton is not None else [(None, None, None)]
+                    units += [unit(a, s, r, i) for s, r, i in sites for a in at_sites]
+                elif m == "bound.hxx":
+                    layers = bound_layers(skeleton, settings.layers) if skeleton is not None else [(None, None)]
+                    units += [unit(m, name, kind, None if name is None else _layer_of(name)) for name, kind in layers]
+                elif m not in at_sites:
+                    units.append(unit(m))
     return units
 
 
-def _skeleton_or_none(ckpt: Path):
+# ---- records -------------------------------------------------------------------------------------------------
+
+
+def _provenance(unit: Unit, settings: SweepSettings, config: dict | None, batches_spec: dict,
+                train_seed=None) -> dict:
+    return {"run_dir": str(unit.run_dir), "run": unit.run_dir.name, "arch": (config or {}).get("arch"),
+            "model": config, "step": unit.step, "checkpoint": str(unit.checkpoint), "model_sha256": unit.model_sha256,
+            "train_seed": train_seed, "version": __version__, "seed": settings.seed, "batches": batches_spec,
+            "dtype": settings.dtype, "measure": unit.measure, "site": unit.site, "site_role": unit.role,
+            "layer": unit.layer, "settings_hash": settings.hash(unit.measure)}
+
+
+def _recorded(checkpoint: Path) -> tuple[dict | None, int | None]:
+    """(model config, training seed) from meta.json, or None for what cannot be read."""
     try:
-        return _skeleton(ckpt)
-    except UserError:
-        return None  # reported when the checkpoint itself is loaded
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    config = meta.get("model_config") if isinstance(meta, dict) else None
+    seed = meta.get("seed") if isinstance(meta, dict) else None
+    return (config if isinstance(config, dict) else None), (seed if isinstance(seed, int) else None)
 
 
-# ---- measuring -----------------------------------------------------------------------------------------------
+def one_line(exc: BaseException) -> str:
+    """A one-line reason: a UserError's message, else the exception's type and first line."""
+    from models.checkpoint.files import first_line
+
+    return first_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _dtype(settings: SweepSettings) -> torch.dtype:
-    return {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
+def failure_record(unit: Unit, settings: SweepSettings, reason: str, config=None, batches_spec=None,
+                   train_seed=None) -> dict:
+    """A unit that could not be measured: status "failed: REASON", value null, the reason in payload["message"]."""
+    est = Estimate(QUANTITY[unit.measure], None, None, "none", False, 0, 0.0, {}, payload={"message": reason},
+                   status=f"failed: {reason}")
+    return est.with_provenance(**_provenance(unit, settings, config, batches_spec or {}, train_seed)).to_dict()
 
 
-def _as_spectral_norm(est: Estimate) -> Estimate:
-    """A which="magnitude" Lanczos estimate as ||H||_2 (value |theta|, the signed eigenvalue in the payload)."""
-    if est.value is None:
-        return dataclasses.replace(est, quantity="spectral_norm")
-    payload = {**est.payload, "signed_eigenvalue": est.value}
-    return dataclasses.replace(est, quantity="spectral_norm", value=abs(est.value), payload=payload)
-
-
-class Measurer:
-    """Measures units of one loaded checkpoint; keeps warm-start vectors across checkpoints of a run."""
-
-    def __init__(self, settings: SweepSettings):
-        self.s = settings
-        self.warm: dict = {}
-        self.checked: dict = {}
-
-    def lanczos_estimate(self, make_op, batches, which: str, warm_key, groups: bool) -> Estimate:
-        """Lanczos (k=1) on make_op(batches), warm-started; with `groups`, the data spread over n_groups."""
-        from hessian_tools.estimators import data_spread, lanczos
-
-        s = self.s
-        solve = functools.partial(lanczos, k=1, which=which, tol=s.tol, max_iter=s.max_iter, seed=s.seed)
-        est = solve(make_op(batches), v0=self.warm.get(warm_key), return_vectors=True)
-        if est.vectors is None:
-            return _as_spectral_norm(est) if which == "magnitude" else est
-        top = est.vectors[:, 0]
-        self.warm[warm_key] = top
-        est = _as_spectral_norm(est) if which == "magnitude" else est
-        if groups and s.n_groups >= 2 and est.status == "ok":
-            spread = data_spread(make_op, batches, functools.partial(solve, v0=top), s.n_groups)
-            data = {"n_groups": s.n_groups, "status": spread.status, "group_values": None, "std": None,
-                    "std_error": None}
-            if spread.status == "ok":
-                values = [abs(v) if which == "magnitude" else v for v in spread.payload["group_values"]]
-                std = statistics.stdev(values)
-                data.update(group_values=values, std=std, std_error=std / math.sqrt(len(values)))
-            est = dataclasses.replace(est, hvp_count=est.hvp_count + spread.hvp_count,
-                                      payload={**est.payload, "data_spread": data})
-        return dataclasses.replace(est, vectors=None)
-
-    def guard(self, model, batches, run_key) -> dict | None:
-        """The engine's self-check (finite, symmetric, equal to gradient differences), once per run."""
-        from hessian_tools.operators import ParamHessian, self_check
-
-        if run_key not in self.checked:
-            self.checked[run_key] = self_check(ParamHessian(model, batches[:1], dtype=_dtype(self.s)), seed=self.s.seed)
-        return self.checked[run_key]
-
-    def measure(self, unit: Unit, ckpt, batches) -> Estimate:
-        from hessian_tools.operators import ActivationHessian, ParamHessian
-
-        s, dtype, model = self.s, _dtype(self.s), ckpt.model
-        key = (str(unit.run_dir), unit.measure, unit.site)
-        params = lambda b: ParamHessian(model, b, dtype=dtype)  # noqa: E731
-        if unit.measure.startswith("params."):
-            check = self.guard(model, batches, str(unit.run_dir))
-        if unit.measure == "params.lambda_max":
-            est = self.lanczos_estimate(params, batches, "largest", key, groups=True)
-        elif unit.measure == "params.spectral_norm":
-            est = self.lanczos_estimate(params, batches, "magnitude", key, groups=True)
-        elif unit.measure == "activation.spectral_norm":
-            site = lambda b: ActivationHessian(model, b, unit.site, dtype=dtype)  # noqa: E731
-            return self.lanczos_estimate(site, batches, "magnitude", key, groups=False)
-        elif unit.measure == "params.density":
-            from hessian_tools.estimators import slq_density
-
-            est = slq_density(params(batches), s.density_probes, s.density_iter, grid=s.density_grid,
-                              width=s.density_width, seed=s.seed)
-        elif unit.measure == "params.trace":
-            from hessian_tools.estimators import hutchpp_trace
-
-            est = hutchpp_trace(params(batches), s.trace_matvecs, seed=s.seed)
-        elif unit.measure == "bound.hxx":
-            return self._bound(unit, model, batches)
-        elif unit.measure == "adam.sharpness":
-            return self._adam(ckpt, batches)
-        else:
-            raise AssertionError(unit.measure)
-        return dataclasses.replace(est, settings={**est.settings, "self_check": check})
-
-    def _bound(self, unit: Unit, model, batches) -> Estimate:
-        from theory.verify import Settings, verify_bound
-
-        start = time.perf_counter()
-        (row,) = verify_bound(model, batches, f"^{re.escape(unit.site)}$", Settings(tol=self.s.tol, seed=self.s.seed))
-        return Estimate("hxx_norm", row["measured"], row["measured_error"], "residual-bound", bool(row["converged"]),
-                        int(row.get("hvp_count") or 0), time.perf_counter() - start,
-                        {"method": "theory.verify", "tol": self.s.tol, "seed": self.s.seed, "dtype": "float64"},
-                        payload=row)
-
-    def _adam(self, ckpt, batches) -> Estimate:
-        from theory.checks import check_adam_sharpness
-
-        start = time.perf_counter()
-        row = check_adam_sharpness(ckpt, batches, tol=self.s.tol, seed=self.s.seed)
-        return Estimate("adam_preconditioned_sharpness", row["preconditioned_sharpness"], row["error"],
-                        "residual-bound", bool(row["pass"]), 0, time.perf_counter() - start,
-                        {"method": "theory.checks.check_adam_sharpness", "tol": self.s.tol, "seed": self.s.seed,
-                         "dtype": "float64"}, payload=row)
+def pending_units(units, records, settings: SweepSettings) -> list[Unit]:
+    """The units without a record of status "ok" among `records`."""
+    done = {record_key(r) for r in records if r.get("status") == "ok"}
+    return [u for u in units if unit_key(u, settings) not in done]
 
 
 # ---- the sweep -----------------------------------------------------------------------------------------------
 
 
-def _provenance(unit: Unit, settings: SweepSettings, config: dict | None, batches_spec: dict) -> dict:
-    return {"run_dir": str(unit.run_dir), "run": unit.run_dir.name, "arch": (config or {}).get("arch"),
-            "model": config, "step": unit.step, "checkpoint": str(unit.checkpoint), "version": __version__,
-            "seed": settings.seed, "batches": batches_spec, "dtype": settings.dtype, "measure": unit.measure,
-            "site": unit.site, "site_role": unit.role, "layer": unit.layer,
-            "settings_hash": settings.hash(unit.measure)}
-
-
-def _recorded_config(checkpoint: Path) -> dict | None:
-    try:
-        return json.loads((checkpoint / "meta.json").read_text())["model_config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def error_record(unit: Unit, settings: SweepSettings, message: str, config=None, batches_spec=None) -> dict:
-    """A failed unit: status "error", value null, the one-line message in payload["message"]."""
-    est = Estimate(unit.measure.split(".")[-1], None, None, "none", False, 0, 0.0, {}, payload={"message": message},
-                   status="error")
-    return est.with_provenance(**_provenance(unit, settings, config, batches_spec or {})).to_dict()
-
-
-def pending_units(units, records, settings: SweepSettings) -> list[Unit]:
-    """The units without a record (other than an error) among `records`."""
-    done = {record_key(r) for r in records if r.get("status") != "error"}
-    return [u for u in units if unit_key(u, settings) not in done]
-
-
 def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bool = True, log=None) -> dict:
     """Measure every pending unit of `plan(run_dirs, settings)`, appending one record per unit to `out`.
 
-    Returns {"total", "skipped", "measured", "errors", "out", "wall_time_s"}. Problems with one checkpoint
-    (unreadable, NaN loss, failed self-check) are written as error records and reported on `log` (stderr) in
-    one line each; the sweep goes on.
+    Returns {"total", "skipped", "measured", "failed", "out", "wall_time_s"}: "failed" counts the units whose
+    record is a failure (written now, or already in the file with the same reason). A checkpoint that does not
+    load fails its units and the sweep goes on with the next one; each failure is one line on `log` (stderr).
     """
     from tqdm import tqdm
 
@@ -427,16 +357,24 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
     units = plan(run_dirs, settings)
     existing = read_records(out)
     pending = pending_units(units, existing, settings)
-    seen_errors = {(record_key(r), r.get("payload", {}).get("message")) for r in existing if r.get("status") == "error"}
-    counts = {"total": len(units), "skipped": len(units) - len(pending), "measured": 0, "errors": 0}
+    failures = {write_key(r) for r in existing if r.get("status") != "ok"}
+    counts = {"total": len(units), "skipped": len(units) - len(pending), "measured": 0, "failed": 0}
     measurer, batch_cache = Measurer(settings), {}
 
-    def write_error(unit, message, config=None, spec=None):
-        counts["errors"] += 1
-        record = error_record(unit, settings, message, config, spec)
-        if (record_key(record), message) not in seen_errors:
-            seen_errors.add((record_key(record), message))
-            append_record(out, record)
+    def write(record: dict):
+        ok = record["status"] == "ok"
+        if not ok:
+            counts["failed"] += 1
+            p = record["provenance"]
+            print(f"hessian-tools sweep: {p['checkpoint']} {p['measure']} {p['site'] or ''}: "
+                  f"{record['status']}".replace("  ", " "), file=log)
+            if write_key(record) in failures:
+                return
+            failures.add(write_key(record))
+        if append_record(out, record, key=write_key):
+            counts["measured"] += ok
+        elif ok:
+            counts["skipped"] += 1  # another sweep wrote it meanwhile
 
     by_checkpoint: dict = {}
     for unit in pending:
@@ -445,38 +383,36 @@ def sweep(run_dirs, out, settings: SweepSettings = SweepSettings(), progress: bo
                desc="sweep", dynamic_ncols=True)
     try:
         for checkpoint, todo in by_checkpoint.items():
-            config = _recorded_config(checkpoint)
+            config, train_seed = _recorded(checkpoint)
             try:
                 ckpt = load_checkpoint(checkpoint, settings.token_sources())
-            except (UserError, OSError) as exc:
-                message = f"cannot load checkpoint: {exc}"
-                print(f"hessian-tools sweep: skipping {checkpoint}: {exc}", file=log)
-                load_unit = dataclasses.replace(todo[0], measure="checkpoint.load", site=None, role=None, layer=None)
-                write_error(load_unit, message, config)
-                counts["errors"] += len(todo) - 1
+                run_key = str(todo[0].run_dir)
+                if run_key not in batch_cache:
+                    batch_cache[run_key] = ckpt.measurement_batches(settings.n_batches, settings.batch_size,
+                                                                    settings.seq_len, seed=settings.seed)
+            except Exception as exc:  # noqa: BLE001 - one bad checkpoint fails its units, never the sweep
+                reason = f"cannot load checkpoint: {one_line(exc)}"
+                for unit in todo:
+                    write(failure_record(unit, settings, reason, config, train_seed=train_seed))
                 bar.update(len(todo))
                 continue
-            spec = {"n_batches": settings.n_batches, "batch_size": settings.batch_size,
-                    "seq_len": settings.seq_len or ckpt.config.seq_len, "seed": settings.seed, "split": "held-out"}
-            run_key = str(todo[0].run_dir)
-            if run_key not in batch_cache:
-                batch_cache[run_key] = ckpt.measurement_batches(settings.n_batches, settings.batch_size,
-                                                                settings.seq_len, seed=settings.seed)
             batches = batch_cache[run_key]
+            config = ckpt.config.to_dict()
+            spec = {"n_batches": settings.n_batches, "batch_size": settings.batch_size,
+                    "seq_len": int(batches[0][0].shape[-1]), "seed": settings.seed, "split": "held-out",
+                    "fused": settings.fuse_batches}
             for unit in todo:
                 bar.set_postfix_str(f"{unit.run_dir.name} step {unit.step} {unit.measure} {unit.site or ''}".strip())
                 try:
                     est = measurer.measure(unit, ckpt, batches)
-                except UserError as exc:
-                    print(f"hessian-tools sweep: {checkpoint} {unit.measure} {unit.site or ''}: {exc}", file=log)
-                    write_error(unit, str(exc), ckpt.config.to_dict(), spec)
+                    if est.status == "ok" and est.value is None:
+                        raise UserError(f"{unit.measure} produced no value")
+                except Exception as exc:  # noqa: BLE001 - the unit fails with its reason; the sweep goes on
+                    write(failure_record(unit, settings, one_line(exc), config, spec, train_seed))
                 else:
-                    record = est.with_provenance(**_provenance(unit, settings, ckpt.config.to_dict(), spec),
+                    record = est.with_provenance(**_provenance(unit, settings, config, spec, train_seed),
                                                  tokens=ckpt.token_provenance())
-                    if append_record(out, record.to_dict(), key=record_key):
-                        counts["measured"] += 1
-                    else:
-                        counts["skipped"] += 1  # another sweep wrote it meanwhile
+                    write(record.to_dict())
                 bar.update(1)
     finally:
         bar.close()

@@ -487,6 +487,7 @@ COMMANDS = {  # command -> (argv before the case's flags, with {tmp}) ; every ca
     "demo": ["demo", "--scale", "tiny", "--out", "{tmp}/demo"],
     "figures": ["figures", "--scale", "tiny", "--runs", "{tmp}/runs", "--out", "{tmp}/figs"],
     "bench": ["bench", "--out", "{tmp}/B.md", "--results", "{tmp}/results"],
+    "sweep": ["sweep", "{tmp}/run", "--out", "{tmp}/results.jsonl", "--quiet"],
 }
 TRAINING_FLAGS = {  # class 6, for train and lr-sweep alike
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
@@ -524,6 +525,23 @@ OTHER_FLAGS = {
     "demo steps nan": ("demo", ["--steps", "nan"], "--steps must be an integer >= 3, got nan"),
     "figures jobs -1": ("figures", ["--jobs", "-1"], "--jobs must be a non-negative integer, got -1"),
     "bench threads 0": ("bench", ["--threads", "0"], "--threads must be a positive integer, got 0"),
+    "demo seeds 0": ("demo", ["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    "figures seeds 1.5": ("figures", ["--seeds", "1.5"], "--seeds must be a positive integer, got 1.5"),
+    "lr-sweep seeds 0": ("lr-sweep", ["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    "sweep tol nan": ("sweep", ["--tol", "nan"], "--tol must be a finite number in (0, 1), got nan"),
+    "sweep tol 0": ("sweep", ["--tol", "0"], "--tol must be a finite number in (0, 1), got 0"),
+    "sweep seed 1e20": ("sweep", ["--seed", "100000000000000000000"], "--seed must be"),
+    "sweep batches 0": ("sweep", ["--batches", "0"], "--batches must be a positive integer, got 0"),
+    "sweep batch size -1": ("sweep", ["--batch-size", "-1"], "--batch-size must be a positive integer, got -1"),
+    "sweep seq len 0": ("sweep", ["--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    "sweep max iter 0": ("sweep", ["--max-iter", "0"], "--max-iter must be a positive integer, got 0"),
+    "sweep groups -1": ("sweep", ["--groups", "-1"], "--groups must be a non-negative integer, got -1"),
+    "sweep steps -2": ("sweep", ["--steps", "-2"], "--steps must be an integer >= -1, got -2"),
+    "sweep density grid inf": ("sweep", ["--density-grid", "0", "inf", "11"], "--density-grid must be finite LO < HI"),
+    "sweep density grid N 1.5": ("sweep", ["--density-grid", "0", "1", "1.5"],
+                                       "--density-grid must end in an integer N >= 2"),
+    "sweep density width nan": ("sweep", ["--density-width", "nan"],
+                                "--density-width must be a positive finite number, got nan"),
 }
 FLAG_CASES = {**{f"{cmd} {name}": (cmd, *case) for cmd in ("train", "lr-sweep")
                  for name, case in TRAINING_FLAGS.items() if not (cmd == "lr-sweep" and name.startswith("lr "))},

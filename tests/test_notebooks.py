@@ -1,5 +1,6 @@
 """The figure notebooks: committed clean with one papermill parameters cell, and executed end to end at the tiny
-scale through `hessian-tools figures`' own code path, writing every figure as a non-empty PNG and PDF."""
+scale through `hessian-tools figures`' own code path, writing every figure as a non-empty PNG and PDF, the compact
+results bundle they plot, and the README's numbers section from it."""
 
 import json
 
@@ -17,10 +18,12 @@ ARCHS = ("simplegpt", "llama2", "gpt2")
 def rendered(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     out, executed = root / "figures", root / "executed"
-    # the figures command's code path: prepare the experiment once, then each notebook (whose own prepare()
-    # call finds everything done) plots it
+    out.mkdir()
+    (out / "README.md").write_text("# Figures\n\nWritten by hand.\n")
+    # the figures command's code path: prepare the experiment once, write its bundle, plot the bundle
     result = render("tiny", out, root, jobs=1, archs=ARCHS, executed=executed)
     assert sorted(p.name for p in (root / "runs").iterdir()) == sorted(ARCHS)
+    assert result["readme"] == str(out / "README.md")
     return out, executed, result
 
 
@@ -45,6 +48,29 @@ def test_every_notebook_ran_and_every_figure_was_written(rendered):
         outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
         assert not [o for o in outputs if o.get("output_type") == "error"]
         assert any("image/png" in o.get("data", {}) for o in outputs)  # the figure shown inline
+
+
+def test_the_bundle_is_compact_and_the_readme_numbers_come_from_it(rendered, tmp_path):
+    from hessian_tools import eos
+    from hessian_tools.findings import markdown, readme_section, summarize
+    from hessian_tools.results_bundle import FILES, Results
+
+    out, _, result = rendered
+    bundle = out / "results"
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(FILES) and result["bundle"] == str(bundle)
+    results = Results.load(bundle)
+    assert {r["provenance"]["run_dir"] for r in results.records} == {f"runs/{a}/seed_0" for a in ARCHS}
+    assert sum(p.stat().st_size for p in bundle.iterdir()) < 200_000
+    text = (out / "README.md").read_text()
+    assert text.startswith("# Figures\n\nWritten by hand.\n")
+    assert readme_section(out / "README.md") == markdown(summarize(results))
+    # the edge-of-stability runs are part of the bundle, and their section of the README is computed from it
+    assert {(r["arch"], r["lr"]) for r in results.eos["runs"]} == {(a, lr) for a in ARCHS for lr in (0.3, 1.0)}
+    assert readme_section(out / "README.md", eos.SECTION) == eos.findings(results.eos)
+    assert "figures/results/eos.json" in text
+    assert "simplegpt vs llama2" in text and "gpt2" in text
+    for nb_path in result["notebooks"]:  # every notebook plotted the bundle, not the experiment directory
+        assert f"results = \"{bundle}\"" in open(nb_path).read().replace("\\\"", "\"")
 
 
 def test_notebooks_plot_a_given_results_file(rendered, tmp_path):

@@ -9,7 +9,6 @@ import models.train as train_mod
 from hessian_tools.cli import main
 from hessian_tools.errors import UserError
 from models.checkpoint import list_checkpoints, load_checkpoint
-from models.lr_sweep import lr_sweep
 from models.train import TrainConfig, lr_at, read_metrics, train
 
 TINY = dict(dim=16, n_layers=2, n_heads=2, seq_len=8, batch_size=4, warmup=2, norm_backend="torch", device="cpu")
@@ -124,22 +123,6 @@ def test_cli_train_on_a_file_then_inspect(tmp_path, capsys):
     assert info["config"]["vocab_size"] == len(set(text.read_text()))
     (idx, _), = load_checkpoint(out).measurement_batches(1, 2)
     assert int(idx.max()) < len(set(text.read_text()))
-
-
-def test_lr_sweep_reports_largest_stable_lr(tmp_path, capsys):
-    assert main(["lr-sweep", "--arch", "gpt2", "--lrs", "1e4", "1e-2", "--out", str(tmp_path), "--steps", "12",
-                 "--warmup", "2", "--dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8",
-                 "--batch-size", "4", "--device", "cpu"]) == 0
-    record = json.loads((tmp_path / "lr_sweep.json").read_text())
-    entry = record["archs"]["gpt2"]
-    assert [r["lr"] for r in entry["runs"]] == [1e-2, 1e4]
-    assert [r["status"] for r in entry["runs"]] == ["completed", "diverged"]
-    assert entry["largest_stable_lr"] == 1e-2 and not entry["at_edge"]
-    assert "largest stable lr for gpt2: 0.01" in capsys.readouterr().out
-    base = TrainConfig(**{**record["settings"], "arch": "gpt2", "lr": 1.0})
-    stamp = (tmp_path / "gpt2" / "lr_0.01" / "metrics.jsonl").stat().st_mtime_ns
-    assert lr_sweep(["gpt2"], [1e-2], tmp_path, base)["archs"]["gpt2"]["largest_stable_lr"] == 1e-2
-    assert (tmp_path / "gpt2" / "lr_0.01" / "metrics.jsonl").stat().st_mtime_ns == stamp  # reused, not rerun
 
 
 @pytest.mark.parametrize("flags, message", [

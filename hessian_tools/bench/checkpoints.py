@@ -1,6 +1,6 @@
-"""The models the peers are compared on: the demo's full-scale training runs (dim 64, 2 layers, 300 steps,
-checkpoints at steps 75, 150, 225, 300), trained here once or read from a demo directory, and the same
-configuration at its initialisation (the run's seed)."""
+"""The models the peers are compared on: the training runs of the demo's study scale (dim 64, 2 layers, context
+64, 300 steps, checkpoints at steps 75, 150, 225, 300), trained here once, and the same configuration at its
+initialisation (the run's seed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ MEASURE = dict(n_batches=1, batch_size=16)  # one held-out batch of 16 x 64 toke
 
 
 def run_dirs(archs, root: Path, say=print) -> dict:
-    """{arch: run directory}: ROOT/runs/{arch} of a demo experiment, trained there if missing or unfinished."""
+    """{arch: run directory}: ROOT/runs/{arch}, trained there (the study scale's seed 0) if missing or unfinished."""
     from hessian_tools.demo import SCALES
     from models.train import TrainConfig, train
 
@@ -20,7 +20,7 @@ def run_dirs(archs, root: Path, say=print) -> dict:
     for arch in archs:
         run_dir = Path(root) / "runs" / arch
         say(f"checkpoints: {arch} ({run_dir})")
-        train(TrainConfig(arch=arch, device="cpu", **SCALES["full"].train), run_dir, progress=False)
+        train(TrainConfig(arch=arch, device="cpu", **SCALES["study"].train), run_dir, progress=False)
         dirs[arch] = run_dir
     return dirs
 

@@ -61,6 +61,21 @@ def at_least(low: int):
     return flag_type(int, Int(low=low), f"int_at_least_{low}")
 
 
+class GridAction(argparse.Action):
+    """--grid LO HI N: finite LO < HI and an integer N >= 2, checked when parsed; stored as (lo, hi, n)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            lo, hi, n = float(values[0]), float(values[1]), float(values[2])
+        except ValueError:
+            raise argparse.ArgumentError(self, f"must be three numbers LO HI N, got {' '.join(values)}") from None
+        if not (lo < hi and hi - lo < float("inf")):
+            raise argparse.ArgumentError(self, f"must be finite LO < HI, got {values[0]} {values[1]}")
+        if not (n.is_integer() and n >= 2):
+            raise argparse.ArgumentError(self, f"must end in an integer N >= 2 (grid points), got {values[2]}")
+        setattr(namespace, self.dest, (lo, hi, int(n)))
+
+
 def device(text: str) -> str:
     """An argparse type: cpu, cuda, cuda:N or auto (whether CUDA is there is checked when it is used)."""
     if re.fullmatch(r"cpu|auto|cuda(:\d+)?", text):

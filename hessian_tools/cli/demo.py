@@ -1,23 +1,27 @@
-"""`hessian-tools demo`: train SimpleGPT and the baselines, sweep their checkpoints, verify the bound, compare.
+"""`hessian-tools demo`: train SimpleGPT and the baselines over seeds, sweep their checkpoints, verify the bound,
+compare.
 
-On the embedded corpus: one run per architecture, a short learning-rate sweep, Hessian sweeps of every
-checkpoint, the SimpleNorm bound at the last one; prints a table per architecture and the figures it wrote.
-A second call reuses everything the first computed (see hessian_tools.demo).
+On the embedded corpus: runs per architecture and training seed, a short learning-rate sweep over the same
+seeds, Hessian sweeps of the checkpoints (comparable measures, activation sites by role, data error bars), the
+SimpleNorm bound at the last one; prints a table per architecture (mean [min, max] over seeds) and the figures
+it wrote. A second call reuses everything the first computed (see hessian_tools.demo).
 """
 
-from hessian_tools.cli.common import at_least, nonneg_int
+from hessian_tools.cli.common import at_least, nonneg_int, positive_int
 from models.config import ARCHS
 
 
 def add_parser(subparsers, name):
     from hessian_tools.demo import SCALES
 
-    p = subparsers.add_parser(name, help="the end-to-end comparison on small models (about 10 minutes on 2 cores)",
+    p = subparsers.add_parser(name, help="the end-to-end comparison on small models (under 10 minutes on 2 cores)",
                               description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, metavar="DIR",
                    help="experiment directory (default demo_runs/SCALE; reused by later calls)")
     p.add_argument("--scale", default="full", choices=tuple(SCALES),
-                   help="model and run sizes (default full: dim 64, 2 layers, 300 steps)")
+                   help="model and run sizes (default full: dim 64, 2 layers, context 32, 200 steps, 3 seeds)")
+    p.add_argument("--seeds", type=positive_int, default=None, metavar="N",
+                   help="training seeds 0 .. N-1 of every run and of the lr sweep (default: the scale's, 3 at full)")
     p.add_argument("--steps", type=at_least(3), default=None, help="training steps of the main runs (default: the scale's)")
     p.add_argument("--arch", dest="archs", action="append", choices=ARCHS, default=None,
                    help="architecture (repeat for several; default all five)")
@@ -31,7 +35,7 @@ def run(args) -> int:
     from hessian_tools.paths import output_dir
 
     exp = Experiment(args.scale, args.out, jobs=args.jobs, archs=tuple(args.archs) if args.archs else None,
-                     steps=args.steps)
+                     steps=args.steps, seeds=args.seeds)
     output_dir(exp.root, "--out")  # before training for minutes
     if args.figures is not None:
         output_dir(args.figures, "--figures")

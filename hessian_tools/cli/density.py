@@ -5,25 +5,8 @@ is a sum of Gaussians of standard deviation `--width` on the grid `--grid LO HI 
 models). Writes the plot to FILE.png and the record (the object `--json` prints) to FILE.json beside it.
 """
 
-import argparse
-
-from hessian_tools.cli.common import at_least, positive_float, positive_int
+from hessian_tools.cli.common import GridAction, at_least, positive_float, positive_int
 from hessian_tools.cli.measure_common import add_measure_flags
-
-
-class GridAction(argparse.Action):
-    """--grid LO HI N: finite LO < HI and an integer N >= 2, checked when parsed; stored as (lo, hi, n)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        try:
-            lo, hi, n = float(values[0]), float(values[1]), float(values[2])
-        except ValueError:
-            raise argparse.ArgumentError(self, f"must be three numbers LO HI N, got {' '.join(values)}") from None
-        if not (lo < hi and hi - lo < float("inf")):
-            raise argparse.ArgumentError(self, f"must be finite LO < HI, got {values[0]} {values[1]}")
-        if not (n.is_integer() and n >= 2):
-            raise argparse.ArgumentError(self, f"must end in an integer N >= 2 (grid points), got {values[2]}")
-        setattr(namespace, self.dest, (lo, hi, int(n)))
 
 
 def add_parser(subparsers, name):

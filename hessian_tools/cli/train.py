@@ -98,26 +98,34 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupt_exit(exc: KeyboardInterrupt) -> tuple:
+    """(the signal, the exit status) of an interrupt caught under `terminate_as_interrupt`."""
+    from models.train import Terminated
+
+    sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+    return sig, INTERRUPT_EXIT[sig]
+
+
 def run(args) -> int:
     from hessian_tools.errors import UserError
-    from models.train import TrainConfig, Terminated, resume_point, train
+    from models.train import TrainConfig, resume_point, train
 
     cfg = TrainConfig(**train_settings(args))
     try:
         with terminate_as_interrupt():
             result = train(cfg, args.out, progress=not args.quiet)
     except KeyboardInterrupt as exc:
-        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        sig, code = interrupt_exit(exc)
         try:
             step = resume_point(args.out)
         except UserError as problem:
             print(f"hessian-tools train: interrupted by {sig.name}; the run may not resume: {problem}",
                   file=sys.stderr)
-            return INTERRUPT_EXIT[sig]
+            return code
         where = f"its checkpoint at step {step} (checked)" if step else "step 0 (no checkpoint yet)"
         print(f"hessian-tools train: interrupted by {sig.name}; {args.out} is resumable: rerun the same command to "
               f"continue from {where}", file=sys.stderr)
-        return INTERRUPT_EXIT[sig]
+        return code
     if result.status == "diverged":
         print(f"hessian-tools train: run diverged after {result.step} steps ({result.reason}); "
               f"see {result.run_dir}/status.json", file=sys.stderr)
