@@ -80,6 +80,9 @@ def test_peers_part_without_peers_checks_ours_against_the_reference(peers_result
             assert ours["rel_error"] == abs(ours["value"] - ref[q]) / abs(ref[q])
             assert ours["rel_error"] <= accuracy.ACCURACY and ours["hvps"] > 0, (model, q)
             assert row["peers"] == {} and "speedup" not in row
+            oracle = row["ours_oracle"]  # the smallest ladder step within the accuracy, as the peers are credited
+            assert oracle["reached"] and oracle["setting"] in accuracy.LANCZOS_LADDER, (model, q)
+            assert f"| {oracle['hvps']} / " in report.markdown(peers_result)
     sweep = peers_result["sweep"]
     assert sweep["steps"] == [10, 20] and "speedup" not in sweep
     assert sweep["ours_warm_s"] == sum(c["warm"]["seconds"] for c in sweep["checkpoints"])

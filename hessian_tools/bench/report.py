@@ -111,19 +111,26 @@ def peers(result: dict) -> str:
              "the demo's full-scale runs (dim 64, 2 layers, 300 steps) at their last checkpoint, and simplegpt at "
              "its initialisation; one held-out batch of 16 x 64 tokens; float32 products for every tool. Protocol: "
              "`hessian_tools/bench/accuracy.py` (peers credited with an oracle stop: their first answer within the "
-             f"accuracy). Cells: HVPs / seconds until within {acc:g} (relative) of a float64 Lanczos reference.", "",
-             "| model | quantity | reference | ours (error) | " + " | ".join(names) + " | speedup |",
-             "|---|---|---:|---:|" + "---:|" * len(names) + "---:|"]
-    trained = []
+             f"accuracy). Cells: HVPs / seconds until within {acc:g} (relative) of a float64 Lanczos reference. "
+             "*ours*: our own stop, when the guaranteed interval (lower side certified, upper side failing with "
+             "probability 1e-3) is within the accuracy; *ours oracle*: ours credited as the peers are; *speedup*: "
+             "the fastest peer's time over ours, with our own stop / with both credited the oracle stop.", "",
+             "| model | quantity | reference | ours (error) | ours oracle | " + " | ".join(names) + " | speedup |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(names) + "---:|"]
+    trained, trained_oracle = [], []
     for model, r in result["models"].items():
         for q, row in r["quantities"].items():
             o = row["ours"]
             cells = [_cost(row["peers"].get(n)) if result["with_peers"] else "n/a" for n in names]
-            speed = f"{row['speedup']:.2f}x" if "speedup" in row else "n/a"
+            speed = (f"{row['speedup']:.2f}x / " + (f"{row['oracle_speedup']:.2f}x" if "oracle_speedup" in row
+                                                     else "n/a")) if "speedup" in row else "n/a"
             lines.append(f"| {model} | {q} | {r['reference'][q]:.6g} | {o['hvps']} / {_s(o['seconds'])} "
-                         f"({o['rel_error']:.1e}) | " + " | ".join(cells) + f" | {speed} |")
+                         f"({o['rel_error']:.1e}) | {_cost(row['ours_oracle'])} | " + " | ".join(cells) +
+                         f" | {speed} |")
             if "init" not in model and "speedup" in row:
                 trained.append((row["speedup"], model, q))
+            if "init" not in model and "oracle_speedup" in row:
+                trained_oracle.append((row["oracle_speedup"], model, q))
     lines += ["", "Each tool's default call (its answer, what it answers, the true relative error):", "",
               "| model | call | answer | answers | true error | HVPs | time |", "|---|---|---:|---|---:|---:|---:|"]
     for model, r in result["models"].items():
@@ -157,8 +164,14 @@ def peers(result: dict) -> str:
     if trained:
         worst = min(trained)
         lines.append(_goal(">= 1.5x faster than the fastest peer at matched accuracy on trained checkpoints",
-                           worst[0] >= 1.5, f"worst {worst[0]:.2f}x ({worst[1]}, {worst[2]}); best "
-                           f"{max(trained)[0]:.2f}x"))
+                           worst[0] >= 1.5, f"with our own guaranteed stop: worst {worst[0]:.2f}x ({worst[1]}, "
+                           f"{worst[2]}); best {max(trained)[0]:.2f}x"))
+        if trained_oracle:
+            worst = min(trained_oracle)
+            lines.append(_goal(">= 1.5x with both credited the oracle stop (the same Krylov work, per-product "
+                               "cost and start compared)", worst[0] >= 1.5, f"worst {worst[0]:.2f}x ({worst[1]}, "
+                               f"{worst[2]}); best {max(trained_oracle)[0]:.2f}x. The guarantee costs the difference "
+                               "between the two"))
     else:
         lines.append("- >= 1.5x against the peers: not measured (run with the peers installed).")
     if "speedup" in sw:
