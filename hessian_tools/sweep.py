@@ -141,6 +141,11 @@ class SweepSettings:
             raise UserError(f"{self.n_batches} batches cannot form {self.n_groups} equal groups for the data "
                             f"error bar: pass --batches as a multiple of --groups (or --groups 0)")
         object.__setattr__(self, "density_grid", tuple(float(x) for x in self.density_grid))
+        if "params.density" in self.measures():
+            from hessian_tools.footprint import density_bytes, require_memory
+
+            require_memory({"density grid": density_bytes(int(self.density_grid[2]), self.density_iter)},
+                           "--density-grid")
         for name, value in self.token_sources().items():  # absolute, so the settings hash is the same from any cwd
             object.__setattr__(self, name, str(Path(value).resolve()))
         if self.steps is not None:

@@ -540,6 +540,8 @@ OTHER_FLAGS = {
     "sweep density grid inf": ("sweep", ["--density-grid", "0", "inf", "11"], "--density-grid must be finite LO < HI"),
     "sweep density grid N 1.5": ("sweep", ["--density-grid", "0", "1", "1.5"],
                                        "--density-grid must end in an integer N >= 2"),
+    "sweep density grid 1e12 points": ("sweep", ["--what", "params.density", "--density-grid", "0", "1", "1e12"],
+                                       "--density-grid needs at least"),
     "sweep density width nan": ("sweep", ["--density-width", "nan"],
                                 "--density-width must be a positive finite number, got nan"),
 }
