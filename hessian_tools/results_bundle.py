@@ -22,7 +22,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hessian_tools.results_io import read_records
+from hessian_tools.errors import UserError
+from hessian_tools.results_io import RECORD, read_records
+from hessian_tools.schema import Obj, SchemaError, check
+
+# a compact record: a sweep record without its wall time and settings (its provenance keeps the settings hash)
+COMPACT_RECORD = Obj(RECORD.fields, optional=("wall_time_s", "settings"))
 
 FILES = ("records.jsonl", "lr_sweep.json", "training.json", "experiment.json", "eos.json")
 STRIDE = 5  # training metrics kept every STRIDE steps
@@ -148,9 +153,21 @@ class Results:
         losses = {(r["arch"], r["seed"]): r["final_loss"] for r in training["runs"]}
         curves = {(r["arch"], r["lr"], r["seed"]): [tuple(p) for p in r["curve"]] for r in training["lr_sweep"]}
         eos = directory / "eos.json"
-        return cls(read_records(directory / "records.jsonl"), json.loads((directory / "lr_sweep.json").read_text()),
+        return cls(read_compact(directory / "records.jsonl"), json.loads((directory / "lr_sweep.json").read_text()),
                    curves, metrics, losses, json.loads((directory / "experiment.json").read_text()), root=directory,
                    eos=json.loads(eos.read_text()) if eos.is_file() else {})
+
+
+def read_compact(path) -> list[dict]:
+    """The compact records of a bundle's records.jsonl, each checked against COMPACT_RECORD; a bundle is read,
+    never repaired: a line that is not one is a one-line UserError naming it."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            records.append(check(json.loads(line), COMPACT_RECORD, prefix="record"))
+        except (ValueError, SchemaError) as exc:
+            raise UserError(f"{path}: line {number} is not a compact record ({exc})") from None
+    return records
 
 
 def read_results(path) -> Results:
