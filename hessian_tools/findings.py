@@ -362,6 +362,11 @@ def markdown(summary: dict) -> str:
             "otherwise it cannot be settled.", ""]
     for claim, pairs in summary["claims"].items():
         out.append(f"- {claim}: {_claim_text(pairs)}.")
+    gn = {a: e["bound"] for a, e in summary["archs"].items() if e["bound"] and e["bound"]["simplenorm_layers"]}
+    if gn:
+        out.append("- GN dominance rests on " + ", ".join(
+            f"{a}: {b['simplenorm_layers']} SimpleNorm layer rows of {b['seeds']} seed(s)" for a, b in gn.items())
+            + " (the bound section above): a small sample.")
     return "\n".join(out)
 
 

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ERROR_KINDS = ("certified", "probabilistic", "measured", "residual-bound", "estimate", "standard-error", "group-std",
-               "bootstrap", "jackknife", "none")
+ERROR_KINDS = ("certified", "probabilistic", "measured", "residual-bound", "estimate", "standard-error",
+               "jackknife", "none")
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -56,15 +56,17 @@ class Estimate:
 
     `error_kind` says what `error` is. value +- error (|value| +- error for a magnitude such as lambda_absmax)
     always contains payload["interval"] where one is given:
-    "certified"       the quantity lies within it, certain given the arithmetic (rounding floor included);
+    "certified"       the quantity lies within it, certain given the arithmetic (rounding floor included):
+                      the Krylov recurrence's rounding is bounded by 10 m eps ||T|| (estimators/krylov.py), and
+                      a float64 operator's products are taken as exact to that floor (their own rounding is not
+                      measured; a float32 operator's is, see "measured");
     "probabilistic"   one side certified (payload["certified_side"]), the other fails with probability at most
                       payload["failure_probability"] over the estimator's random start;
     "measured"        as either of those, but resting on a measured bound of the operator's own rounding
                       (payload["rounding"], e.g. float32 products): not certified;
     "residual-bound"  some eigenvalue (not necessarily the named one) lies within it: certified;
     "estimate"        no guarantee (e.g. Kato-Temple with an estimated gap, unmeasured float32 rounding);
-    "standard-error"  Monte-Carlo, one sigma; "group-std": std over disjoint data groups; "bootstrap": std over
-                      resamples; "jackknife": delete-one-group jackknife standard error of a bias-corrected
+    "standard-error"  Monte-Carlo, one sigma; "jackknife": delete-one-group jackknife standard error of a bias-corrected
                       estimate (payload interval and level, see estimators/data_error.py); "none": no error (failed records).
     """
 

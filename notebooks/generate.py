@@ -60,8 +60,9 @@ NOTEBOOKS = {
     ),
     "03_bound_tightness": (
         "# The SimpleNorm bound against the measured ||H_xx||\n\nFor every SimpleNorm layer (and every block "
-        "linear map of the baselines, with the plain bound ||W||^2 ||H_yy||) at the last checkpoint of every "
-        "seed: measured against bound, the tightness bound / measured, and ||C|| / ||GN|| (theory/verify.py).",
+        "linear map of the baselines, with the plain bound ||W||^2 ||H_yy||) the experiment measured, at the last "
+        "checkpoint of each seed measured (the first seed and the query maps at the demo's full scale; every seed "
+        "and layer at --scale study): measured against bound, the tightness bound / measured, and ||C|| / ||GN|| (theory/verify.py).",
         "paths = plotting.bound_tightness(res, out)",
     ),
     "04_lr_sweep": (
@@ -72,7 +73,8 @@ NOTEBOOKS = {
     ),
     "05_density": (
         "# Hessian eigenvalue densities\n\nStochastic Lanczos quadrature densities of the parameter-space "
-        "Hessian at the end of training, every seed, on the same grid and Gaussian width for every architecture.",
+        "Hessian at the end of training, each seed measured (the first at the demo's full scale, every seed at "
+        "--scale study), on the same grid and Gaussian width for every architecture.",
         "paths = plotting.densities(res, out)",
     ),
     "06_activation_rms": (
