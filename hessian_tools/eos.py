@@ -180,14 +180,14 @@ def findings(summary: dict) -> str:
                      f"{spread(reached, '.0f') if all(x is not None for x in reached) else 'not in all'} | "
                      f"{spread([s['hover'] for s in stats], '.2f')} | {spread([s['near'] for s in stats], '.0%')} | "
                      f"{spread([s['peak'] for s in stats], '.2g')} | {spread([s['final_loss'] for s in stats], '.3f')} |")
-        verdicts[(arch, lr)] = (stats, statuses)
+        verdicts[(arch, lr)] = (stats, statuses, [r["status"] for r in rs])
     lines += ["", *_sentences(verdicts, summary)]
     return "\n".join(lines)
 
 
 def _sentences(verdicts: dict, summary: dict) -> list[str]:
     """Statements about the table, each a computed classification of its rows."""
-    def kind(stats, statuses):
+    def kind(stats, statuses, _):
         hover = statistics.median(s["hover"] for s in stats)
         if "diverged" in statuses:
             return "diverged"
@@ -210,13 +210,45 @@ def _sentences(verdicts: dict, summary: dict) -> list[str]:
     out += [f"- {labels[k]}: {', '.join(v)}." for k, v in by_kind.items()]
     losses = {}
     top = max(summary["lrs"])
-    for (arch, lr), (stats, statuses) in verdicts.items():
+    for (arch, lr), (stats, statuses, _) in verdicts.items():
         if lr == top and "diverged" not in statuses:
             losses[arch] = statistics.median(s["final_loss"] for s in stats)
     if losses:
         ranked = sorted(losses, key=losses.get)
         out.append(f"- At the largest lr ({top:g}) the final full-batch loss ranks "
                    + " < ".join(f"{a} {losses[a]:.3f}" for a in ranked) + ".")
+    claim = _stability_claim(verdicts, summary["lrs"])
+    if claim:
+        out.append("- The paper's claim that SimpleNorm keeps larger learning rates stable, judged by divergence "
+                   "under full-batch GD (diverged seeds / seeds, per lr): " + "; ".join(claim) + ". The ratio to "
+                   "2/lr places each run against its own stability threshold; raw lambda_max is not comparable "
+                   "across architectures (a SimpleNorm weight W -> cW moves its block as 1 / c^2).")
+    return out
+
+
+def _stability_claim(verdicts: dict, lrs) -> list[str]:
+    """Per (SimpleNorm, baseline) pair with runs: diverged seeds of each at every lr, and the verdict: supports
+    when the SimpleNorm model diverged on fewer seeds at some lr and on more at none, contradicts the other way
+    round, cannot settle otherwise (none diverged, or mixed)."""
+    from hessian_tools.findings import PAIRS
+
+    def diverged(arch, lr):
+        stats_statuses = verdicts.get((arch, lr))
+        if stats_statuses is None:
+            return None
+        return sum(s == "diverged" for s in stats_statuses[2]), len(stats_statuses[2])
+
+    out = []
+    for simple, base in PAIRS:
+        counts = [(lr, diverged(simple, lr), diverged(base, lr)) for lr in sorted(lrs)]
+        counts = [(lr, a, b) for lr, a, b in counts if a and b]
+        if not counts:
+            continue
+        fewer = any(a[0] / a[1] < b[0] / b[1] for _, a, b in counts)
+        more = any(a[0] / a[1] > b[0] / b[1] for _, a, b in counts)
+        verdict = "supports" if fewer and not more else "contradicts" if more and not fewer else "cannot settle"
+        detail = ", ".join(f"lr {lr:g}: {a[0]}/{a[1]} vs {b[0]}/{b[1]}" for lr, a, b in counts)
+        out.append(f"{simple} vs {base} {verdict} ({detail})")
     return out
 
 

@@ -64,3 +64,18 @@ def test_tiny_experiment_runs_gradient_descent_tracked_and_writes_its_outputs(tm
 def test_unknown_scale():
     with pytest.raises(Exception, match="unknown eos scale"):
         eos.EosExperiment("huge")
+
+
+def test_stability_claim_compares_diverged_seeds_per_pair():
+    from hessian_tools.eos import _stability_claim
+
+    def row(*statuses):
+        return (None, sorted(set(statuses)), list(statuses))
+
+    verdicts = {("simplegpt", 1.0): row("completed", "completed"), ("llama2", 1.0): row("diverged", "completed"),
+                ("simplegpt_gpt2", 1.0): row("diverged", "completed"), ("gpt2", 1.0): row("completed", "completed"),
+                ("llama2_qknorm", 1.0): row("completed", "completed")}
+    found = _stability_claim(verdicts, [1.0])
+    assert found == ["simplegpt vs llama2 supports (lr 1: 0/2 vs 1/2)",
+                     "simplegpt vs llama2_qknorm cannot settle (lr 1: 0/2 vs 0/2)",
+                     "simplegpt_gpt2 vs gpt2 contradicts (lr 1: 1/2 vs 0/2)"]
