@@ -202,3 +202,24 @@ def test_tracking_part_at_a_tiny_shape():
             assert m["error_last"] == abs(m["value_last"] - m["converged"]) / m["converged"]
             assert m["error_last"] < 0.5  # a tracked value within a factor 2 of the converged one
         assert q["measurements"] == 3  # steps 0, 5 and the last (10)
+
+
+def test_a_late_write_failure_prints_the_measured_results(tmp_path, monkeypatch, capsys):
+    """bench measures, then the markdown write fails: the results go to stdout, one error line, exit 2."""
+    from hessian_tools.cli import main
+    from hessian_tools.errors import UserError
+
+    measured = json.loads((bench.RESULTS_DIR / "tracking.json").read_text())  # a real result, not re-measured
+    monkeypatch.setattr(bench, "run_part", lambda part, **kw: measured)
+
+    def refuse(*args):
+        raise UserError(f"{tmp_path / 'B.md'}: the disk is full")
+
+    monkeypatch.setattr("hessian_tools.benchmarks_md.write_section", refuse)
+    rc = main(["bench", "--tracking", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "B.md")])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert json.loads(out) == {"tracking": measured}
+    lines = [line for line in err.splitlines() if line.startswith("hessian-tools")]
+    assert len(lines) == 1 and "the disk is full; the results measured so far were printed on stdout" in lines[0]
+    assert json.loads((tmp_path / "results" / "tracking.json").read_text()) == measured  # saved before the failure
