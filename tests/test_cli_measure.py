@@ -255,3 +255,15 @@ def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
     assert dist["provenance"]["world_size"] == 2 and dist["settings"]["operator"]["world_size"] == 2
     np.testing.assert_allclose(dist["payload"]["eigenvalues"], single["payload"]["eigenvalues"], rtol=1e-8)
     assert dist["settings"]["operator"]["total_weight"] == 3 * 2 * 8
+
+
+def test_the_printed_promise_says_what_a_float32_interval_rests_on(ckpt_dir, capsys):
+    """float64: probabilistic with its failure probability; float32: measured rounding, never "certified"."""
+    lines = {}
+    for dtype in ("float64", "float32"):
+        assert main(["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-4", *DATA, "--dtype", dtype]) == 0
+        lines[dtype] = capsys.readouterr().out
+    assert "probabilistic: lower side certified, the other fails with probability <= 1e-03" in lines["float64"]
+    assert "measured, not certified: rests on the operator's rounding" in lines["float32"]
+    assert "(a measurement, not a bound); lower side certified, the other also fails with probability <= 1e-03" \
+        in lines["float32"]

@@ -305,8 +305,9 @@ def error_meaning(record) -> str:
     if kind == "probabilistic":
         return f"probabilistic: {side}, the other fails with probability <= {chance:.0e}"
     if kind == "measured":
-        odds = f", fails with probability <= {chance:.0e}" if chance else ""
-        return f"measured: rests on the operator's measured rounding {p.get('rounding', float('nan')):.1e}{odds}"
+        odds = f"; {side}, the other also fails with probability <= {chance:.0e} over the start" if chance else ""
+        return (f"measured, not certified: rests on the operator's rounding {p.get('rounding', float('nan')):.1e} as "
+                f"measured against float64 products (a measurement, not a bound){odds}")
     if kind == "certified":
         return "certified"
     if kind == "residual-bound":
