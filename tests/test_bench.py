@@ -199,8 +199,7 @@ def test_tracking_part_at_a_tiny_shape():
     for name, q in result["tracked"].items():
         assert f"| {name} | {result['wall_s'][name][0]:.1f} s | {result['wall_s'][name][0] / base - 1:+.0%} |" in text
         for m in q["measures"].values():
-            assert m["error_last"] == abs(m["value_last"] - m["converged"]) / m["converged"]
-            assert m["error_last"] < 0.5  # a tracked value within a factor 2 of the converged one
+            assert abs(m["value_last"] - m["converged"]) < 0.5 * m["converged"]  # tracked vs float64 to 1e-8
         assert q["measurements"] == 3  # steps 0, 5 and the last (10)
 
 
