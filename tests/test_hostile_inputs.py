@@ -8,6 +8,7 @@ traceback, or success. Checkpoints are tiny and written here by the real writers
 of nanoGPT's layout, transformers' save_pretrained, torch.distributed.checkpoint).
 """
 
+import argparse
 import json
 import os
 import random
@@ -444,6 +445,45 @@ def test_flags_are_checked_when_parsed(world, capsys, case):
     rc, out, lines = run(argv, capsys)
     assert rc == 2 and out == "" and len(lines) == 1, lines
     assert lines[0].startswith(f"hessian-tools {argv[0]}: error: ") and message in lines[0], lines
+
+
+SHARED_VALUES = {  # class 6 across the measuring commands: every command that takes the flag refuses the value
+    "--batch-size": ["0", "-1", "1.5", "abc"], "--batches": ["0", "-2", "nan"], "--seq-len": ["0", "-8"],
+    "--context-len": ["0"], "--seed": ["-1", "1e20", "abc"], "--dim": ["0", "-16"], "--heads": ["0", "1.5"],
+    "--kv-heads": ["-1"], "--layers": ["0"], "--ffn-hidden": ["-1"],  # 0 = the family default for those two "--ffn-multiplier": ["0", "nan", "inf"],
+    "--multiple-of": ["0"], "--norm-eps": ["-1", "nan"], "--rope-theta": ["0", "nan", "-1"],
+    "--memory-budget": ["0", "-1"], "--max-iter": ["0"], "--tol": ["nan", "-1", "0"],
+}
+SHARED_CHOICES = {"--dtype": "float16", "--mode": "fastest", "--norm-backend": "cuda", "--arch": "bert",
+                  "--space": "weights", "--scaled": "diag", "--role": "head"}
+MEASURING = ("spectrum", "trace", "density", "verify-bound", "inspect", "sweep")
+
+
+def _options(command: str) -> set:
+    from hessian_tools.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+SHARED_CASES = {f"{cmd} {flag} {value}": (cmd, flag, value, f"{flag} must be")
+                for cmd in MEASURING for flag, values in SHARED_VALUES.items() if flag in _options(cmd)
+                and (cmd, flag) != ("verify-bound", "--layers")  # there a regular expression of layer names
+                for value in values}
+SHARED_CASES.update({f"{cmd} {flag} {value}": (cmd, flag, value, f"argument {flag}: invalid choice: '{value}'")
+                     for cmd in MEASURING for flag, value in SHARED_CHOICES.items() if flag in _options(cmd)})
+
+
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_flags_are_checked_by_every_command(world, tmp_path, capsys, case):
+    command, flag, value, message = SHARED_CASES[case]
+    where = {"density": ["--out", str(tmp_path / "d.png")], "sweep": ["--out", str(tmp_path / "r.jsonl")]}
+    rc, out, lines = run([command, world["ckpt"], *where.get(command, []), f"{flag}={value}"], capsys)
+    assert rc == 2 and out == "" and len(lines) == 1, lines
+    assert lines[0].startswith(f"hessian-tools {command}: error: ") and message in lines[0], lines
+    if "must be" in message:
+        assert lines[0].endswith(f"got {value}") or f"got {value} " in lines[0] or f"got {value}(" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == []  # refused when parsed: nothing written
 
 
 def test_distributed_outside_torchrun(world, capsys, monkeypatch):
