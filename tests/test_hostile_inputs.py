@@ -836,9 +836,9 @@ BAD_METRICS = {  # a line put between the first two lines of metrics.jsonl -> wh
     "non-UTF-8 bytes": (b'{"kind": "loss", "step": 2, "loss": "\xff\xfe"}', "is not UTF-8 (byte 37)"),
     "a JSON scalar": (b"17", "is a JSON int, not a metrics line object"),
     "a JSON list": (b"[1, 2]", "is a JSON list, not a metrics line object"),
-    "step a string": (b'{"kind": "loss", "step": "2", "loss": 1.0}', "step must be a positive integer, got '2'"),
-    "loss NaN": (b'{"kind": "loss", "step": 2, "loss": NaN}', "loss must be a finite number, got NaN"),
-    "unknown kind": (b'{"kind": "grad", "step": 2}', "kind must be one of 'loss', 'sharpness'"),
+    "step a string": (b'{"kind": "loss", "step": "2", "loss": 1.0}', "is not a valid metrics line: step must be a positive integer, got '2'"),
+    "loss NaN": (b'{"kind": "loss", "step": 2, "loss": NaN}', "is not a valid metrics line: loss must be a finite number, got NaN"),
+    "unknown kind": (b'{"kind": "grad", "step": 2}', "is not a valid metrics line: kind must be one of 'loss', 'sharpness'"),
 }
 
 
