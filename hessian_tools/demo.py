@@ -28,6 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from hessian_tools.errors import UserError
+from hessian_tools.schema import Float, MapOf, Obj
 from models.config import ARCHS
 
 
@@ -97,6 +98,7 @@ SCALES = {
 }
 DEFAULT_ROOT = Path("demo_runs")
 TIMING_FILE = "timing.json"
+TIMING = MapOf(Obj({"wall_time_s": Float(low=0)}, extra=True))  # ROOT/timing.json: {phase: {"wall_time_s", ...}}
 
 
 def _worker_init():
@@ -216,14 +218,17 @@ class Experiment:
         self.record_timing({phase: entry})
 
     def record_timing(self, entries: dict):
+        timing = self.timing()
         file = self.root / TIMING_FILE
-        timing = json.loads(file.read_text()) if file.is_file() else {}
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(json.dumps({**timing, **entries}, indent=1))
 
     def timing(self) -> dict:
+        """ROOT/timing.json checked against TIMING ({} when there is none yet)."""
+        from models.schemas import read_json
+
         file = self.root / TIMING_FILE
-        return json.loads(file.read_text()) if file.is_file() else {}
+        return read_json(file, TIMING, "experiment's timing record") if os.path.lexists(file) else {}
 
     def _train_settings(self, arch: str, seed: int, **changes) -> dict:
         settings = {**self.spec.train, "arch": arch, "seed": seed, "norm_backend": "torch", "device": "cpu"}
@@ -345,8 +350,9 @@ class Experiment:
 
 
 def _finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.is_file() and json.loads(status.read_text()).get("status") in ("completed", "diverged")
+    from models.train import read_status
+
+    return (read_status(run_dir) or {}).get("status") in ("completed", "diverged")
 
 
 def results_of(exp: Experiment, eos: bool = False):

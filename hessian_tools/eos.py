@@ -102,19 +102,19 @@ class EosExperiment:
         """{"scale", "settings", "lrs", "seeds", "archs", "runs": [per run: arch, lr, seed, status, step, reason,
         threshold (2 / lr), wall_time_s, sharpness [[step, value, lo, hi]], loss [[step, loss]]]} (runs present
         only). Loss [s, L]: the full-batch loss at the weights after s updates."""
-        from models.train import METRICS_FILE, STATUS_FILE, read_metrics
+        from models.train import CONFIG_FILE, METRICS_FILE, STATUS_FILE, read_metrics, read_status
 
         runs = []
         for arch, lr, seed in self.grid():
             run_dir = self.run_dir(arch, lr, seed)
-            if not (run_dir / STATUS_FILE).is_file():
+            status = read_status(run_dir)
+            if status is None:
                 continue
-            status = json.loads((run_dir / STATUS_FILE).read_text())
             sharp = read_metrics(run_dir / METRICS_FILE, kind="sharpness")
             runs.append({
                 "arch": arch, "lr": lr, "seed": seed, "status": status["status"], "step": status["step"],
                 "reason": status.get("reason"), "threshold": 2 / lr,
-                "wall_time_s": (run_dir / STATUS_FILE).stat().st_mtime - (run_dir / "train_config.json").stat().st_mtime,
+                "wall_time_s": (run_dir / STATUS_FILE).stat().st_mtime - (run_dir / CONFIG_FILE).stat().st_mtime,
                 "sharpness": [[m["step"], m["value"], *(m["interval"] or [None, None])] for m in sharp],
                 "loss": [[m["step"] - 1, m["loss"]] for m in read_metrics(run_dir / METRICS_FILE)],
             })

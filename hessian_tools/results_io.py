@@ -67,6 +67,12 @@ class Scan:
     tail_record: dict | None = None  # the tail parsed as a valid record
     objects: int = 0  # lines that parse as JSON objects (valid records or not)
 
+    def invalid(self) -> list:
+        """The lines to quarantine: the broken ones, and a non-blank last line without its newline that is not
+        valid (a writer killed mid-line)."""
+        cut = self.tail is not None and self.tail_record is None and self.tail.data.strip()
+        return self.broken + ([self.tail] if cut else [])
+
 
 def quarantine_path(path) -> Path:
     """Where the broken lines of results file `path` are kept: FILE.quarantine.jsonl beside it."""
@@ -74,8 +80,8 @@ def quarantine_path(path) -> Path:
     return path.with_name(path.name + QUARANTINE_SUFFIX)
 
 
-def _parse(data: bytes) -> tuple[dict | None, str | None, bool]:
-    """(record, reason it is not one, whether it is a JSON object)."""
+def _parse(data: bytes, checker, noun: str) -> tuple[dict | None, str | None, bool]:
+    """(the line checked by `checker`, reason it is not a valid `noun`, whether it is a JSON object)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -85,15 +91,16 @@ def _parse(data: bytes) -> tuple[dict | None, str | None, bool]:
     except json.JSONDecodeError as exc:
         return None, f"not JSON ({exc.msg} at column {exc.colno})", False
     if not isinstance(obj, dict):
-        return None, f"a JSON {type(obj).__name__}, not a record object", False
+        return None, f"a JSON {type(obj).__name__}, not a {noun} object", False
     try:
-        return check_record(obj), None, True
+        return checker(obj), None, True
     except SchemaError as exc:
-        return None, f"not a valid record: {exc}", True
+        return None, f"not a valid {noun}: {exc}", True
 
 
-def scan_bytes(path: Path, data: bytes) -> Scan:
-    """Classify the lines of a results file's bytes (blank lines are ignored)."""
+def scan_bytes(path: Path, data: bytes, checker=None, noun: str = "record") -> Scan:
+    """Classify the lines of a JSON-lines file's bytes (blank lines are ignored): valid when `checker` (a
+    function returning the checked object or raising SchemaError; default check_record) accepts them."""
     scan, offset = Scan(path), 0
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, 1):
@@ -101,7 +108,7 @@ def scan_bytes(path: Path, data: bytes) -> Scan:
         if last and not raw:
             break
         if raw.strip():
-            record, reason, is_object = _parse(raw)
+            record, reason, is_object = _parse(raw, checker or check_record, noun)
             scan.objects += is_object
             if last:
                 scan.tail = Line(number, offset, raw, reason or "")
@@ -137,18 +144,19 @@ def report_lines(scan: Scan) -> list[str]:
             for line in scan.broken]
 
 
-def _stderr(line: str):
+def warn(line: str):
+    """One line on stderr, as the command line writes its messages."""
     print(f"hessian-tools: {line}", file=sys.stderr)
 
 
-def read_records(path, report=_stderr) -> list[dict]:
+def read_records(path, report=warn) -> list[dict]:
     """All valid records of `path` (an absent file has none). Broken lines are skipped and each is reported
     by `report` (one line; default: stderr; None: silent); an unterminated last line counts if it is a
     complete record. UserError for a file that is not a results file, or cannot be read."""
     return read_results(path, report).records
 
 
-def read_results(path, report=_stderr) -> Scan:
+def read_results(path, report=warn) -> Scan:
     """The Scan of `path` (records, broken lines, tail); reported and refused as in `read_records`."""
     path = Path(path)
     if not os.path.lexists(path):
@@ -174,7 +182,7 @@ def read_results(path, report=_stderr) -> Scan:
     return scan
 
 
-def append_record(path, record: dict, key=None, report=_stderr) -> bool:
+def append_record(path, record: dict, key=None, report=warn) -> bool:
     """Append one record as one line (see the module docstring for what happens to broken lines first).
 
     With `key` (a function of a record), the record is not written when the file already holds one with the
@@ -239,8 +247,8 @@ def _repair(fd: int, path: Path, report) -> Scan:
     data = _read_all(fd)
     scan = scan_bytes(path, data)
     _refuse_foreign(scan, data)
-    moved = [scan.tail] if scan.tail is not None and scan.tail_record is None and scan.tail.data.strip() else []
-    _quarantine(path, scan.broken + moved)
+    moved = scan.invalid()[len(scan.broken):]  # the cut last line, if any
+    quarantine(path, scan.invalid())
     if report is not None:
         for line in report_lines(scan):
             report(line)
@@ -257,8 +265,9 @@ def _entry_id(offset: int, data: bytes) -> str:
     return f"{offset}:{hashlib.sha256(data).hexdigest()}"
 
 
-def _quarantine(path: Path, lines: list):
-    """Copy broken lines into the quarantine file, each once (keyed by offset and content); fsynced."""
+def quarantine(path: Path, lines: list, what: str = "results file"):
+    """Copy broken lines (Line) of `path` into its quarantine file, each once (keyed by offset and content);
+    fsynced. UserError (one line) when that file cannot be written."""
     if not lines:
         return
     target = quarantine_path(path)
@@ -278,7 +287,7 @@ def _quarantine(path: Path, lines: list):
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as exc:
-        raise os_error(exc, target, "keep the broken lines of the results file (nothing was changed)") from None
+        raise os_error(exc, target, f"keep the broken lines of the {what} (nothing was changed)") from None
     try:
         _append(fd, target, text.encode("utf-8"))
     finally:

@@ -2,7 +2,7 @@
 
   META          a toolkit checkpoint's meta.json (model_config = GPTConfig's fields, data, tokenizer, train_config)
   TRAIN_CONFIG  RUN_DIR/train_config.json and meta.json's train_config (models.train_config.TrainConfig's fields)
-  STATUS        RUN_DIR/status.json;  METRICS_LINE  one line of RUN_DIR/metrics.jsonl
+  STATUS        RUN_DIR/status.json;  METRICS_LINE / SHARPNESS_LINE  a loss / sharpness line of RUN_DIR/metrics.jsonl
   NANOGPT       a nanoGPT ckpt.pt (model_args, iter_num, config);  HF_LLAMA / HF_GPT2  a Hugging Face config.json
   JOB_CONFIG    a torchtitan job config (TOML);  ADAM_SETTINGS  one parameter's AdamW hyperparameters (any source)
 `read_json(path, schema, what)` reads a JSON file (a regular, readable file; UTF-8; JSON) and checks it; every
@@ -47,11 +47,15 @@ META = Obj({"format": Str((TOOLKIT_FORMAT,)), "version": Str(), "step": Int(low=
             "initial_loss": Float(), "sampler": Str()},
            optional=("version", "data", "tokenizer", "train_config", "seed", "initial_loss", "sampler"), extra=True)
 
-STATUS = Obj({"status": Str(nonempty=True), "step": Int(low=0), "reason": Nullable(Str())}, optional=("reason",),
-             extra=True)
-METRICS_LINE = Obj({"step": POSITIVE, "loss": Float(), "lr": NON_NEGATIVE, "grad_norm": NON_NEGATIVE,
-                    "act_rms": MapOf(NON_NEGATIVE), "tokens_per_s": NON_NEGATIVE},
-                   optional=("lr", "grad_norm", "act_rms", "tokens_per_s"), extra=True)
+STATUS = Obj({"status": Str(("completed", "diverged", "interrupted")), "step": Int(low=0), "reason": Nullable(Str()),
+              "resume_from": Int(low=0)}, optional=("reason", "resume_from"), extra=True)
+# a line without "kind" is a loss line (runs written before tracking)
+METRICS_LINE = Obj({"kind": Str(("loss",)), "step": POSITIVE, "loss": Float(), "lr": NON_NEGATIVE,
+                    "grad_norm": NON_NEGATIVE, "act_rms": MapOf(NON_NEGATIVE), "tokens_per_s": NON_NEGATIVE},
+                   optional=("kind", "lr", "grad_norm", "act_rms", "tokens_per_s"), extra=True)
+SHARPNESS_LINE = Obj({"kind": Str(("sharpness",)), "step": Int(low=0), "measure": Str(nonempty=True),
+                      "value": Nullable(Float()), "interval": Nullable(ListOf(Nullable(Float()), 2)),
+                      "status": Str(nonempty=True)}, optional=("interval",), extra=True)
 
 NANOGPT_ARGS = Obj({"n_layer": POSITIVE, "n_head": POSITIVE, "n_embd": POSITIVE, "block_size": POSITIVE,
                     "vocab_size": POSITIVE, "bias": Bool(), "dropout": MODEL_FIELDS["dropout"]},
@@ -123,6 +127,15 @@ def read_meta(path) -> dict:
         raise SchemaError("tokenizer", "the character tokenizer of the run's data (recorded with data)", None,
                           str(path))
     return meta
+
+
+def check_metrics_line(line) -> dict:
+    """One line of RUN_DIR/metrics.jsonl checked against its kind's schema (METRICS_LINE, SHARPNESS_LINE)."""
+    kinds = {"loss": METRICS_LINE, "sharpness": SHARPNESS_LINE}
+    kind = line.get("kind", "loss") if isinstance(line, dict) else "loss"
+    if kind not in kinds:
+        raise SchemaError("kind", "one of 'loss', 'sharpness'", describe(kind))
+    return check(line, kinds[kind])
 
 
 def check_step(value, where: str, field: str = "step") -> int:

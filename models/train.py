@@ -21,7 +21,9 @@ last step, on fixed batches: held-out ones (those of `hessian-tools spectrum --b
 minimised). Each step's lines come before its checkpoint, and the tracker's warm-start vectors are saved with
 it (RUN_DIR/tracking/), so a resumed run writes exactly the lines of an uninterrupted one. A resumed run drops
 the lines after its checkpoint by writing the kept ones to a temporary file and renaming it over the log: a
-kill at any moment leaves either the old log or the new one.
+kill at any moment leaves either the old log or the new one. Every line is checked against its kind's schema
+(models.schemas); readers skip an invalid line (reporting it), and a resume keeps every valid line up to its
+step and moves the invalid ones to RUN_DIR/metrics.jsonl.quarantine.jsonl (hessian_tools.results_io's format).
 
 One process at a time: RUN_DIR/.train.lock is held (flock) while a run trains; a second `train` on the same
 RUN_DIR stops with a one-line error. A run diverges when a loss or gradient norm is not finite, or a loss
@@ -49,11 +51,13 @@ from tqdm import tqdm
 from hessian_tools.errors import UserError
 from hessian_tools.footprint import require_memory, training_bytes
 from hessian_tools.paths import TEMPORARY_PREFIX, fsync_dir, os_error, output_dir
+from hessian_tools.results_io import Scan, quarantine, quarantine_path, scan_bytes, warn
 from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from models.checkpoint.files import read_safetensors
 from models.checkpoint.native import CKPT_RE, _fsync_file, read_native
 from models.data import fixed_windows, load_splits, measurement_batches, step_seed, training_batch
 from models.gpt import build_model, next_token_loss
+from models.schemas import STATUS, TRAIN_CONFIG, check_metrics_line, read_json
 from models.sites import blocks
 from models.train_config import TrainConfig, field_defaults
 
@@ -126,18 +130,37 @@ def _write_json(path: Path, record: dict):
     _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 
-def read_metrics(path: Path, kind: str | None = "loss") -> list[dict]:
-    """The complete metrics lines of one kind ("loss", "sharpness"; None = all), in file order. A line cut short
-    by a kill, and anything after it, is dropped; a line without "kind" is a loss line (runs before tracking)."""
+def scan_metrics(path: Path) -> Scan:
+    """The lines of metrics log `path` (absent: none), each checked against its kind's schema."""
     if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [m for m in lines if kind is None or m.get("kind", "loss") == kind]
+        return Scan(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise os_error(exc, path, "read the metrics log") from None
+    return scan_bytes(path, data, check_metrics_line, "metrics line")
+
+
+def _skipped(scan: Scan, lines: list, done: str) -> str:
+    first = lines[0]
+    return (f"{scan.path}: {len(lines)} invalid line{'s' if len(lines) > 1 else ''} {done} (line {first.number} "
+            f"is {first.reason})")
+
+
+def read_metrics(path: Path, kind: str | None = "loss", report=warn) -> list[dict]:
+    """The valid metrics lines of one kind ("loss", "sharpness"; None = all), in file order. A complete line
+    that is not valid (not UTF-8, not JSON, not an object, a field of the wrong type) is skipped, and `report`ed
+    in one line for all of them (None: silent); a last line cut short by a kill is dropped."""
+    scan = scan_metrics(Path(path))
+    if scan.broken and report is not None:
+        report(_skipped(scan, scan.broken, "skipped"))
+    return [m for m in scan.records if kind is None or m.get("kind", "loss") == kind]
+
+
+def read_status(run_dir) -> dict | None:
+    """RUN_DIR/status.json checked against STATUS (None when there is none yet)."""
+    path = Path(run_dir) / STATUS_FILE
+    return read_json(path, STATUS, "run status") if os.path.lexists(path) else None
 
 
 def _settings_clash(recorded: dict, cfg: TrainConfig) -> list[str]:
@@ -147,11 +170,11 @@ def _settings_clash(recorded: dict, cfg: TrainConfig) -> list[str]:
 
 
 def _recorded_config(run_dir: Path) -> dict:
+    """RUN_DIR/train_config.json checked against TRAIN_CONFIG."""
     try:
-        return json.loads((run_dir / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{run_dir / CONFIG_FILE}: unreadable ({exc}); move the run directory aside or choose "
-                        "another --out") from None
+        return read_json(run_dir / CONFIG_FILE, TRAIN_CONFIG, "training run's settings")
+    except UserError as exc:
+        raise UserError(f"{exc}; move the run directory aside or choose another --out") from None
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig):
@@ -163,8 +186,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig):
         if diffs:
             raise UserError(f"{run_dir} holds a run with different settings ({'; '.join(diffs[:3])}); "
                             "choose another --out or the same settings to resume")
-        status_file = run_dir / STATUS_FILE
-        recorded = json.loads(status_file.read_text()) if status_file.is_file() else None
+        recorded = read_status(run_dir)
     else:
         others = [p.name for p in run_dir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(LEFTOVER_PREFIXES)]
         if others:
@@ -202,6 +224,18 @@ def _kept(line: dict, start: int) -> bool:
     if line.get("kind", "loss") == "loss":
         return line["step"] <= start
     return line["step"] < start or (start > 0 and line["step"] == start)
+
+
+def _restart_metrics(metrics_file: Path, start: int):
+    """Keep every valid metrics line that survives a (re)start at `start` (`_kept`), in order; copy the invalid
+    ones to the quarantine file first (reported in one line), then rename the kept lines over the log."""
+    scan = scan_metrics(metrics_file)
+    invalid = scan.invalid()
+    quarantine(metrics_file, invalid, "metrics log")
+    kept = [m for m in scan.records if _kept(m, start)]
+    _replace_atomically(metrics_file, lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
+    if invalid:
+        warn(_skipped(scan, invalid, f"moved to {quarantine_path(metrics_file)}"))
 
 
 def _training_source(cfg: TrainConfig, splits, spec):
@@ -307,8 +341,7 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool) -> TrainResult:
         optimizer = make_optimizer(model, cfg)
         start, initial_loss = 0, None
     metrics_file = run_dir / METRICS_FILE
-    kept = [m for m in read_metrics(metrics_file, kind=None) if _kept(m, start)]
-    _replace_atomically(metrics_file, lambda tmp: tmp.write_text("".join(json.dumps(m) + "\n" for m in kept)))
+    _restart_metrics(metrics_file, start)
     meta = {"train_config": cfg.to_dict(), "data": spec.to_dict(), "tokenizer": splits.tokenizer.to_dict(),
             "seed": cfg.seed, "sampler": "batch of step s drawn with seed (seed, s)"}
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from hessian_tools.cli import main
+from hessian_tools.errors import UserError
 from models.checkpoint import save_checkpoint
 from models.config import GPTConfig
 from models.data import CharTokenizer, DataSpec
@@ -677,11 +679,17 @@ def _weights(ckpt):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The final weights of the 4-step run the disk-full tests interrupt at its second checkpoint."""
+def trained(tmp_path_factory):
+    """A finished 4-step run (TINY) with checkpoints at steps 2 and 4: copy it before changing anything."""
     out = tmp_path_factory.mktemp("whole") / "run"
     assert main(command("train", out.parent, "--steps", "4", "--save-every", "2")) == 0
-    return _weights(out / "ckpt_0000004")
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained):
+    """The final weights of the 4-step run the disk-full tests interrupt at its second checkpoint."""
+    return _weights(trained / "ckpt_0000004")
 
 
 def _resumes_to(run_dir, whole, capsys, lines):
@@ -764,3 +772,146 @@ def test_train_whose_metrics_meet_a_full_disk_loses_no_line(capsys, monkeypatch,
     metrics = [[{k: v for k, v in m.items() if k != "tokens_per_s"}
                 for m in train_mod.read_metrics(tmp_path / d / "run" / "metrics.jsonl")] for d in "ab"]
     assert len(metrics[0]) == 4 and metrics[0] == metrics[1]
+
+
+# ------------------------------------------------------------------------------ a run directory's own files
+
+
+def _copy_run(trained, tmp, unfinished=False):
+    """A copy of the trained run in tmp/run; unfinished: as a run killed after its step-2 checkpoint."""
+    run_dir = shutil.copytree(trained, tmp / "run")
+    if unfinished:
+        shutil.rmtree(run_dir / "ckpt_0000004")
+        os.remove(run_dir / "status.json")
+    return run_dir
+
+
+STATUS = {  # RUN_DIR/status.json (bytes) -> message of the rerun `train`
+    "not JSON": (b'{"status": "completed", ', "status.json: the run status is not JSON"),
+    "a list": (b'["completed", 4]', "status.json: the file must hold an object with status, step"),
+    "missing step": (b'{"status": "completed"}', "status.json: step is missing; it must be a non-negative integer"),
+    "step a string": (b'{"status": "completed", "step": "4"}', "status.json: step must be a non-negative integer, "
+                                                               "got '4' (a string)"),
+    "status unknown": (b'{"status": "done", "step": 4}', "status.json: status must be one of 'completed'"),
+    "not UTF-8": (b'{"status": "\xff", "step": 4}', "status.json: the run status is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", STATUS)
+def test_a_run_status_that_is_not_a_status(trained, tmp_path, capsys, case):
+    from hessian_tools.demo import _finished
+
+    data, message = STATUS[case]
+    run_dir = _copy_run(trained, tmp_path)
+    (run_dir / "status.json").write_bytes(data)
+    assert_one_line(run(command("train", tmp_path, "--steps", "4", "--save-every", "2"), capsys), message)
+    with pytest.raises(UserError, match=re.escape(message)):
+        _finished(run_dir)  # the demo's and eos's readers share it
+
+
+TRAIN_CONFIG = {  # RUN_DIR/train_config.json edit -> message of the rerun `train`
+    "a list": (lambda c: [c], "train_config.json: the file must hold an object with arch, dim"),
+    "lr a string": (lambda c: {**c, "lr": "0.003"}, "train_config.json: lr must be a positive finite number, got "
+                                                     "'0.003'"),
+    "steps null": (lambda c: {**c, "steps": None}, "train_config.json: steps must be a positive integer, got null"),
+    "unknown field": (lambda c: {**c, "width": 3}, "train_config.json: the file must hold an object with keys among"),
+    "missing field": (lambda c: {k: v for k, v in c.items() if k != "dim"},  # the default (64) is what it recorded
+                      "holds a run with different settings (dim: 64 there, 8 now)"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CONFIG)
+def test_a_recorded_training_config_that_is_not_one(trained, tmp_path, capsys, case):
+    edit, message = TRAIN_CONFIG[case]
+    run_dir = _copy_run(trained, tmp_path, unfinished=True)
+    config = json.loads((run_dir / "train_config.json").read_text())
+    (run_dir / "train_config.json").write_text(json.dumps(edit(config)))
+    rc, out, lines = run(command("train", tmp_path, "--steps", "4", "--save-every", "2"), capsys)
+    assert_one_line((rc, out, lines), message)
+    assert "choose another --out" in lines[0] and not (run_dir / "ckpt_0000004").exists()
+
+
+BAD_METRICS = {  # a line put between the first two lines of metrics.jsonl -> what the report says it is
+    "not JSON": (b'{"kind": "loss", "step": 1', "is not JSON"),
+    "non-UTF-8 bytes": (b'{"kind": "loss", "step": 2, "loss": "\xff\xfe"}', "is not UTF-8 (byte 37)"),
+    "a JSON scalar": (b"17", "is a JSON int, not a metrics line object"),
+    "a JSON list": (b"[1, 2]", "is a JSON list, not a metrics line object"),
+    "step a string": (b'{"kind": "loss", "step": "2", "loss": 1.0}', "is not a valid metrics line: step must be a positive integer, got '2'"),
+    "loss NaN": (b'{"kind": "loss", "step": 2, "loss": NaN}', "is not a valid metrics line: loss must be a finite number, got NaN"),
+    "unknown kind": (b'{"kind": "grad", "step": 2}', "is not a valid metrics line: kind must be one of 'loss', 'sharpness'"),
+}
+
+
+def _without_timing(lines):
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in lines]
+
+
+@pytest.mark.parametrize("case", BAD_METRICS)
+def test_a_broken_metrics_line_loses_no_valid_line_and_is_quarantined(trained, tmp_path, capsys, case):
+    """Read: every valid line, one report line. Resume from step 2: lines 1 and 2 kept (the old reader stopped at
+    the broken line, and the resume kept only line 1), the broken line moved to the quarantine file, then the
+    run ends with the uninterrupted run's lines."""
+    import base64
+
+    from models.train import read_metrics
+
+    bad, why = BAD_METRICS[case]
+    run_dir = _copy_run(trained, tmp_path, unfinished=True)
+    log = run_dir / "metrics.jsonl"
+    first, rest = log.read_bytes().split(b"\n", 1)
+    log.write_bytes(first + b"\n" + bad + b"\n" + rest)
+    reports = []
+    assert read_metrics(log, report=reports.append) == read_metrics(trained / "metrics.jsonl")
+    assert len(reports) == 1 and f"metrics.jsonl: 1 invalid line skipped (line 2 {why}" in reports[0], reports
+    rc, out, lines = run(command("train", tmp_path, "--steps", "4", "--save-every", "2"), capsys)
+    assert rc == 0 and len(lines) == 1 and f"1 invalid line moved to {log}.quarantine.jsonl (line 2 {why}" \
+        in lines[0], lines
+    assert _without_timing(read_metrics(log, kind=None, report=None)) == \
+        _without_timing(read_metrics(trained / "metrics.jsonl", kind=None))
+    assert b"\xff" not in log.read_bytes() and log.read_bytes().count(b"\n") == 4
+    kept = [json.loads(line) for line in (run_dir / "metrics.jsonl.quarantine.jsonl").read_text().splitlines()]
+    assert [(e["line"], base64.b64decode(e["base64"])) for e in kept] == [(2, bad)]
+
+
+def test_a_timing_record_that_is_not_one(tmp_path):
+    from hessian_tools.demo import TIMING_FILE, Experiment
+
+    exp = Experiment("tiny", root=tmp_path)
+    exp.record_timing({"train": {"wall_time_s": 1.5}})
+    assert exp.timing() == {"train": {"wall_time_s": 1.5}}
+    (tmp_path / TIMING_FILE).write_text('{"train": {"wall_time_s": "slow"}}')
+    with pytest.raises(UserError, match=r"timing.json: train.wall_time_s must be a non-negative finite number"):
+        exp.record_timing({"sweep": {"wall_time_s": 2.0}})
+    assert json.loads((tmp_path / TIMING_FILE).read_text()) == {"train": {"wall_time_s": "slow"}}  # left as it was
+
+
+def test_a_sweep_on_a_disk_that_fills_keeps_its_earlier_records(trained, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of the second record's write (injected, as results_io's Disk does): one line, exit 2,
+    the file holds exactly the first record, whole; the rerun on a disk with room measures the rest."""
+    import errno
+
+    import hessian_tools.results_io as results_io
+    from hessian_tools.results_io import read_records
+
+    real, writes = results_io.write_all, []
+
+    def write_all(fd, data):
+        writes.append(data)
+        if len(writes) == 2:
+            real(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(results_io, "write_all", write_all)
+    out = tmp_path / "results.jsonl"
+    argv = ["sweep", trained, "--out", out, "--batches", "1", "--batch-size", "2", "--seq-len", "8", "--groups", "0",
+            "--quiet"]
+    rc, stdout, lines = run(argv, capsys)
+    assert rc == 2 and len(lines) == 1 and "results.jsonl: cannot append a record (the file is as it was): the disk " \
+        "is full" in lines[0] and stdout == "", lines
+    assert out.read_bytes() == writes[0] and len(read_records(out)) == 1
+    monkeypatch.setattr(results_io, "write_all", real)
+    rc, stdout, lines = run(argv, capsys)
+    records = read_records(out)
+    assert rc == 0 and ", 1 already in " in stdout and records[0] == json.loads(writes[0])
+    assert len(records) == 1 + int(stdout.split()[0]) > 2  # both checkpoints measured, each unit once

@@ -11,7 +11,6 @@ other processes sharing the cores, so the CPU-time ratios are the comparison. Al
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -102,13 +101,13 @@ def rates(shape: dict, candidates, warmup: int, rounds: int, per_round: int) -> 
 
 def demo_run() -> dict:
     """Wall and CPU seconds, final loss of a simplegpt run of the demo size (final checkpoint included)."""
-    from models.train import TrainConfig, train
+    from models.train import METRICS_FILE, TrainConfig, read_metrics, train
 
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), time.process_time()
         train(TrainConfig(arch="simplegpt", device="cpu", norm_backend="torch", **DEMO), tmp, progress=False)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        loss = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+        loss = read_metrics(Path(tmp) / METRICS_FILE)[-1]["loss"]
     return {**DEMO, "seconds": seconds, "cpu_seconds": cpu_seconds, "loss": loss}
 
 
