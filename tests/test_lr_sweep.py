@@ -51,4 +51,4 @@ def test_lr_sweep_over_seeds_reports_and_reuses(tmp_path, capsys):
     assert (run_dir_for(tmp_path, "gpt2", 1e-2, 5) / "metrics.jsonl").stat().st_mtime_ns == stamp  # reused
     assert "seed 5: 0.01" in format_table(again)
     assert main(["lr-sweep", "--arch", "gpt2", "--lrs", "1e-2", "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert "--seeds must be a positive integer, got 0" in capsys.readouterr().err

@@ -25,12 +25,9 @@ def add_parser(subparsers, name):
 
 
 def run(args) -> int:
-    from hessian_tools.errors import UserError
     from models.lr_sweep import format_table, lr_sweep
     from models.train_config import TrainConfig
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     base = TrainConfig(**train_settings(args))
     seeds = range(base.seed, base.seed + args.seeds)
     record = lr_sweep(args.archs, args.lrs, args.out, base, seeds=seeds, progress=args.progress)
