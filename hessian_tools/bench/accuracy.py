@@ -47,28 +47,25 @@ def reference(model, batch) -> dict:
             "converged": both.converged}
 
 
-def ours(model, batch, which: str, tol: float = ACCURACY, v0=None):
+def ours(model, batch, which: str, tol: float = ACCURACY, v0=None, max_iter: int | None = None):
     from hessian_tools.estimators import lanczos
     from hessian_tools.operators import ParamHessian
 
     def solve():
         return lanczos(ParamHessian(model, [batch], dtype=torch.float32), which=which, tol=tol, v0=v0,
-                       return_vectors=True)
+                       max_iter=max_iter, return_vectors=True)
 
     est, seconds = timed(solve)
     value = abs(est.value) if which == "magnitude" else est.value
     return {"value": value, "hvps": est.hvp_count, "seconds": seconds, "converged": est.converged}, est.vectors
 
 
-def _ours_steps(model, batch, which: str, max_iter: int, quantity: str):
+def _ours_steps(model, batch, which: str, max_iter: int):
     """(our Ritz value after at most `max_iter` Lanczos steps, its HVP count), for the oracle ladder."""
     from types import SimpleNamespace
 
-    from hessian_tools.estimators import lanczos
-    from hessian_tools.operators import ParamHessian
-
-    est = lanczos(ParamHessian(model, [batch], dtype=torch.float32), which=which, tol=1e-12, max_iter=max_iter)
-    return _signed((est.value, SimpleNamespace(hvps=est.hvp_count)), quantity)
+    mine, _ = ours(model, batch, which, tol=1e-12, max_iter=max_iter)
+    return mine["value"], SimpleNamespace(hvps=mine["hvps"])
 
 
 def _dominant_applies(quantity: str, ref: dict) -> bool:
@@ -177,7 +174,7 @@ def model_rows(model, batch, with_peers: bool) -> dict:
     for quantity, (which, _) in QUANTITIES.items():
         mine, _ = ours(model, batch, which)
         mine["rel_error"] = relative(mine["value"], ref[quantity])
-        oracle = _ladder(LANCZOS_LADDER, ref[quantity], lambda m: _ours_steps(model, batch, which, m, quantity))
+        oracle = _ladder(LANCZOS_LADDER, ref[quantity], lambda m: _ours_steps(model, batch, which, m))
         row = {"ours": mine, "ours_oracle": oracle,
                "peers": peer_times(model, batch, quantity, ref) if with_peers else {}}
         reached = {k: p for k, p in row["peers"].items() if p["reached"]}
