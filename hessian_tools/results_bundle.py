@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hessian_tools.errors import UserError
-from hessian_tools.results_io import RECORD, read_records
-from hessian_tools.schema import Obj, SchemaError, check
+from hessian_tools.results_io import RECORD, read_records, scan_bytes
+from hessian_tools.schema import Obj, check
 
 # a compact record: a sweep record without its wall time and settings (its provenance keeps the settings hash)
 COMPACT_RECORD = Obj(RECORD.fields, optional=("wall_time_s", "settings"))
@@ -161,13 +161,13 @@ class Results:
 def read_compact(path) -> list[dict]:
     """The compact records of a bundle's records.jsonl, each checked against COMPACT_RECORD; a bundle is read,
     never repaired: a line that is not one is a one-line UserError naming it."""
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        try:
-            records.append(check(json.loads(line), COMPACT_RECORD, prefix="record"))
-        except (ValueError, SchemaError) as exc:
-            raise UserError(f"{path}: line {number} is not a compact record ({exc})") from None
-    return records
+    path = Path(path)
+    scan = scan_bytes(path, path.read_bytes(), checker=lambda r: check(r, COMPACT_RECORD, prefix="record"),
+                      noun="compact record")
+    bad = scan.invalid()
+    if bad:
+        raise UserError(f"{path}: line {bad[0].number} is not a compact record ({bad[0].reason})")
+    return scan.records
 
 
 def read_results(path) -> Results:
