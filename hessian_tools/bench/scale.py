@@ -14,7 +14,7 @@ TOKENS = (4, 256)  # batch x sequence length
 QUICK = dict(arch="gpt2", vocab_size=64, dim=16, n_layers=1, n_heads=2, seq_len=8)
 QUICK_TOKENS = (2, 8)
 ACCURACY = 1e-3
-SPARE_VECTORS = 8  # float64 vectors of n left free beside the float32 basis: the Lanczos vector, its product, casts
+SPARE_VECTORS = 6  # float64 vectors of n left free beside the float32 basis: the Lanczos vector, its product, casts
 
 
 def run(quick: bool = False, say=print) -> dict:

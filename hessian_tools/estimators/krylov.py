@@ -74,8 +74,12 @@ class KrylovBasis:
         if b == len(self.blocks):
             rows = min(self.rows, self.max_steps + 1 - b * self.rows)
             self.blocks.append(torch.empty(rows, self.n, dtype=self.storage, device=v.device))
-        self.blocks[b][i] = v
-        return 0.0 if self.storage == FLOAT else float(torch.linalg.vector_norm(self._vector(j) - v))
+        row = self.blocks[b][i]
+        row.copy_(v)
+        if self.storage == FLOAT:
+            return 0.0
+        return math.sqrt(sum(float(torch.linalg.vector_norm(row[s: s + CHUNK].to(FLOAT) - v[s: s + CHUNK])) ** 2
+                             for s in range(0, self.n, CHUNK)))
 
     def _vector(self, j: int) -> torch.Tensor:
         b, i = divmod(j, self.rows)
@@ -98,15 +102,23 @@ class KrylovBasis:
             return blk.T @ h
         return torch.cat([blk[:, s: s + CHUNK].T.to(FLOAT) @ h for s in range(0, self.n, CHUNK)])
 
+    def _subtract(self, w: torch.Tensor, blk: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """w - blk.T @ h; in place, chunk by chunk, for float32 storage (no n-sized temporaries at scale)."""
+        if blk.dtype == FLOAT:
+            return w - blk.T @ h
+        for s in range(0, self.n, CHUNK):
+            w[s: s + CHUNK] -= blk[:, s: s + CHUNK].T.to(FLOAT) @ h
+        return w
+
     def _orthogonalise(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classical Gram-Schmidt against q_0 .. q_{m-1}, twice: (w projected off the basis, the coefficients
-        removed, summed over both passes; length m)."""
+        removed, summed over both passes; length m). w is overwritten when the basis is stored in float32."""
         basis = self._basis()
         removed = torch.zeros(self.m, dtype=FLOAT, device=w.device)
         for _ in range(2):
             coefficients = [self._coefficients(blk, w) for blk in basis]
             for b, (blk, h) in enumerate(zip(basis, coefficients)):
-                w = w - self._combination(blk, h)
+                w = self._subtract(w, blk, h)
                 removed[b * self.rows: b * self.rows + h.numel()] += h
         return w, removed
 
@@ -126,7 +138,7 @@ class KrylovBasis:
         scale = max(max(abs(a) for a in self.alpha), max(self.beta, default=0.0))
         if beta > BREAKDOWN_RTOL * scale and self.m < self.n:
             self.beta.append(beta)
-            self.column_errors[j] += beta * self._store(j + 1, w / beta)  # H q_j - Q T e_j keeps beta's rounding
+            self.column_errors[j] += beta * self._store(j + 1, w.div_(beta))  # H q_j - Q T e_j keeps its rounding
             return
         self.column_errors[j] += beta  # dropped: H q_j - Q T e_j keeps it
         self.beta.append(0.0)
