@@ -8,6 +8,9 @@
 2. HVPs of the interval stop (lanczos's convergence: the interval within tol * |theta|) against the residual stop
    the code used before (the top Ritz pair's residual within tol * |theta|), on the tests' tiny GPTs (one layer,
    dim 16) at init, cold and warm-started from a nearby operator (weights scaled by 1 + 1e-2 N(0, 1)).
+3. The float32 products' relative rounding ||H32 q - H64 q|| / ||H64 q|| at each of 20 Lanczos vectors against
+   its value at the first one, where lanczos measures it (5 tiny GPTs x 4 seeds): the largest ratio sets
+   guarantees.ROUNDING_SAFETY.
 Usage: python benchmarks/lanczos_guarantees.py [--trials 300]
 """
 
@@ -24,6 +27,7 @@ from helpers import DenseOperator, symmetric_with_spectrum  # noqa: E402
 from operator_refs import ARCHS, tiny_gpt, token_batches  # noqa: E402
 
 from hessian_tools.estimators import lanczos  # noqa: E402
+from hessian_tools.estimators.guarantees import ROUNDING_SAFETY  # noqa: E402
 from hessian_tools.estimators.krylov import KrylovBasis  # noqa: E402
 from hessian_tools.operators import ParamHessian  # noqa: E402
 
@@ -84,6 +88,32 @@ def costs():
                   f"{cold.error / abs(cold.value):.1e} |")
 
 
+def rounding_along_the_run(steps: int = 20, seeds: int = 4):
+    print(f"\n| arch | seed | relative rounding at q_0 | largest over {steps} vectors | ratio |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for arch in ARCHS:
+        for seed in range(seeds):
+            op = ParamHessian(*_tiny(arch, seed), dtype=torch.float32)
+            exact = op.with_dtype(torch.float64)
+            basis = KrylovBasis(op, torch.randn(op.shape[0], generator=torch.Generator().manual_seed(seed),
+                                                dtype=torch.float64), steps)
+            for _ in range(steps):
+                basis.step()
+            rel = []
+            for j in range(steps):
+                q = basis._vector(j)
+                h = exact.matvec(q).double()
+                rel.append(float(torch.linalg.vector_norm(op.matvec(q).double() - h) / torch.linalg.vector_norm(h)))
+            worst = max(worst, max(rel) / rel[0])
+            print(f"| {arch} | {seed} | {rel[0]:.2e} | {max(rel):.2e} | {max(rel) / rel[0]:.2f} |")
+    print(f"\nlargest ratio {worst:.2f}; ROUNDING_SAFETY = {ROUNDING_SAFETY:g}")
+
+
+def _tiny(arch, seed):
+    return tiny_gpt(arch, seed=seed), token_batches((2, 1), seed=seed + 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=300)
@@ -92,6 +122,7 @@ def main():
     print(f"load average {os.getloadavg()[0]:.2f}")
     coverage(args.trials)
     costs()
+    rounding_along_the_run()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ double backward (a fixed mode, so a resumed run repeats the uninterrupted one ex
 Cost and error. Lanczos stops when its interval is within `tol` relative or after `max_hvps` steps, whichever
 comes first; the record reports the interval it reached, whatever its width (error_kind and
 failure_probability say what holds: lanczos's module docstring). A warm start sharpens the estimate at a fixed
-budget; the guaranteed interval costs the same HVPs as from a cold start. float32 products add 4 products per
-eigenvalue (2 of them in float64) that measure the rounding the interval rests on ("measured").
+budget; the guaranteed interval costs the same HVPs as from a cold start. float32 products add one float64 product
+per eigenvalue that measures the rounding the interval rests on ("measured").
 
 Record, one JSON line per measure and step (`record`): {"kind": "sharpness", "step", "measure", "value",
 "error", "error_kind", "interval", "failure_probability", "converged", "hvp_count", "lanczos_steps",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 
-from hessian_tools.estimators.guarantees import ROUNDING_PROBES
 
 SECTIONS = {"engine": "engine-bench", "peers": "peers-bench", "scale": "scale-bench",
             "train-throughput": "train-throughput", "tracking": "sharpness-tracking"}
@@ -118,8 +117,8 @@ def peers(result: dict) -> str:
              "probability 1e-3) is within the accuracy; *ours oracle*: ours credited as the peers are; *speedup*: "
              "the fastest peer's time over ours, with our own stop / with both credited the oracle stop. Our counts "
              f"and times include the measurement of the float32 products' rounding that our intervals rest on "
-             f"({ROUNDING_PROBES} float32 products, counted, and {ROUNDING_PROBES} float64 ones, timed), once per "
-             "solve; the peers' answers carry no error bar.", "",
+             "(one float64 product of the first Lanczos vector, counted and timed), once per solve; the peers' "
+             "answers carry no error bar.", "",
              "| model | quantity | reference | ours (error) | ours oracle | " + " | ".join(names) + " | speedup |",
              "|---|---|---:|---:|---:|" + "---:|" * len(names) + "---:|"]
     trained, trained_oracle = [], []
@@ -294,7 +293,7 @@ def tracking(result: dict) -> str:
              f"take turns, {result['rounds']} rounds; median wall times (`hessian_tools/bench/tracking_cost.py`). "
              f"Goal: at most +{result['goal']:.0%} at EVERY = 25. Steps: mean Lanczos steps per eigenvalue; width: "
              "median of (hi - lo) / value of the reported intervals (lower side certified, upper side failing with "
-             "probability 1e-3; float32 intervals rest on the measured rounding, 4 more products each); error: the "
+             "probability 1e-3; float32 intervals rest on the measured rounding, one float64 product more each); error: the "
              "last step's value against float64 Lanczos to 1e-8 on the final checkpoint and the same batches.",
              "", f"Untracked: {base:.1f} s.", "",
              "| tracking settings | wall time | overhead | goal | HVPs / measurement | lambda_max(H): steps, width, "

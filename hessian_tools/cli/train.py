@@ -38,7 +38,7 @@ TRAIN_FLAGS = {
     "track_batch_size": ("--track-batch-size", positive_int, "sequences per tracking batch"),
     "track_tol": ("--track-tol", probability, "Lanczos stops when its interval is within this relative width"),
     "track_hvps": ("--track-hvps", at_least(2), "at most this many Lanczos steps (HVPs) per tracked eigenvalue; "
-                                                "float32 adds 4 products that measure the rounding"),
+                                                "float32 adds one float64 product that measures the rounding"),
     "track_dtype": ("--track-dtype", str, "dtype of the tracking's Hessian-vector products", ("float32", "float64")),
 }
 DIVERGED_EXIT = 3

@@ -56,7 +56,8 @@ class KrylovBasis:
         self.blocks: list[torch.Tensor] = []
         self.alpha: list[float] = []
         self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}; 0 at a restart
-        self.column_errors: list[float] = []  # bounds on ||E e_j|| (module docstring)
+        self.defects: list[float] = []  # column errors without the products' rounding (module docstring)
+        self.product_norms: list[float] = []  # ||H q_j||, which the rounding bound multiplies
         self.block_starts = [0]
         self.start_norms = [float(torch.linalg.vector_norm(v0))]  # ||v0||, then each restart's ||P g||
         self.breakdowns = 0
@@ -67,6 +68,20 @@ class KrylovBasis:
     @property
     def m(self) -> int:
         return len(self.alpha)
+
+    @property
+    def column_errors(self) -> np.ndarray:
+        """Bounds on ||E e_j|| (module docstring), with the current `rounding` (it may be set after the first step)."""
+        return np.asarray(self.defects) + self.rounding * np.asarray(self.product_norms)
+
+    def first_product(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(q_0, alpha_0 q_0 + beta_0 q_1, a bound on the distance of the latter to the computed product H q_0):
+        H q_0 rebuilt from the basis after the first step, for measuring its rounding without keeping it."""
+        q = self._vector(0)
+        v = self.alpha[0] * q
+        if self.beta[0] > 0:
+            v += self.beta[0] * self._vector(1)
+        return q, v, self.defects[0]
 
     def _store(self, j: int, v: torch.Tensor) -> float:
         """Stores q_j = v; returns ||stored - v|| (0 for float64 storage)."""
@@ -133,14 +148,15 @@ class KrylovBasis:
         removed[j] -= self.alpha[j]
         if j > self.block_starts[-1]:
             removed[j - 1] -= self.beta[j - 1]
-        self.column_errors.append(float(torch.linalg.vector_norm(removed)) + self.rounding * product_norm)
+        self.defects.append(float(torch.linalg.vector_norm(removed)))
+        self.product_norms.append(product_norm)
         beta = float(torch.linalg.vector_norm(w))
         scale = max(max(abs(a) for a in self.alpha), max(self.beta, default=0.0))
         if beta > BREAKDOWN_RTOL * scale and self.m < self.n:
             self.beta.append(beta)
-            self.column_errors[j] += beta * self._store(j + 1, w.div_(beta))  # H q_j - Q T e_j keeps its rounding
+            self.defects[j] += beta * self._store(j + 1, w.div_(beta))  # H q_j - Q T e_j keeps its rounding
             return
-        self.column_errors[j] += beta  # dropped: H q_j - Q T e_j keeps it
+        self.defects[j] += beta  # dropped: H q_j - Q T e_j keeps it
         self.beta.append(0.0)
         if self.m >= self.n or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
             self.exhausted = True

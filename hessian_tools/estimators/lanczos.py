@@ -199,7 +199,8 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     v0: a warm start, always mixed with seeded Gaussian noise (module docstring); default a Gaussian from `seed`.
     failure_probability: the probability allowed to the uncertified side of every interval (split over both ends
     for "both" and "magnitude"). rounding: a bound on the operator's relative product rounding; default 0 for
-    float64 operators, measured through op.with_dtype(float64) for float32 ones (2 products of each).
+    float64 operators, measured for float32 ones through op.with_dtype(float64): one float64 product of the first
+    Lanczos vector, compared with that vector's float32 product rebuilt from the basis (`guarantees`).
     Returns an Estimate (module docstring for value, error, error_kind); payload: interval, certified_side,
     failure_probability, eigenvalues, residuals and residual_intervals (certified: some eigenvalue in each),
     intervals (per wanted eigenvalue), clusters, kato_temple (an estimate), ritz_values, lambda_max_lower_bound,
@@ -246,13 +247,16 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     start, hvp0, extra = time.perf_counter(), op.hvp_count, 0
     s, sigma = _start_vector(n, v0, seed, gen, device)
     basis = None
+    measure, stage = rounding is None, None
     try:
-        if rounding is None:
-            rounding, extra = measured_rounding(op, gen)
         basis = KrylovBasis(op, s, max_iter, gen, rounding or 0.0, storage=basis_dtype)
         a = None
         while basis.m < max_iter and not basis.exhausted:
             basis.step()
+            if measure and basis.m == 1:
+                stage = "measuring rounding"
+                rounding, extra = measured_rounding(op, *basis.first_product())
+                basis.rounding, stage = rounding or 0.0, None
             a = None
             if basis.m >= n_wanted:
                 a = _assess(basis, k, which, tol, sigma, delta)
@@ -261,7 +265,7 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     except c.NonFiniteProduct as exc:
         return Estimate(QUANTITY[which], None, None, "none", False, op.hvp_count - hvp0 + extra,
                         time.perf_counter() - start, settings,
-                        status=f"failed at step {basis.m + 1}: {exc}" if basis else f"failed measuring rounding: {exc}")
+                        status=f"failed {stage}: {exc}" if stage else f"failed at step {basis.m + 1}: {exc}")
     a = a or _assess(basis, k, which, tol, sigma, delta)
     theta, S, res, idx, ends = a["theta"], a["S"], a["res"], a["idx"], a["ends"]
     lo, hi = a["interval"]
