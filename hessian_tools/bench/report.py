@@ -214,8 +214,9 @@ def scale(result: dict) -> str:
               f"{lam['value']:.6g}, interval [{lo:.6g}, {hi:.6g}] ({lam['error_kind']}: lower side certified, upper "
               f"side failing with probability {lam['failure_probability']:g}, float32 rounding measured at "
               f"{lam['rounding']:.2g}), relative width {width:.2g}; {lam['steps']} steps, {lam['hvps']} HVPs "
-              f"(with the rounding measurement's), {_s(lam['seconds'])}. Estimates, not bounds: residual "
-              f"{lam['residual']:.2g}, Kato-Temple "
+              f"(with the rounding measurement's), {_s(lam['seconds'])}. Residual bound {lam['residual']:.2g} "
+              f"({lam['residual'] / abs(lam['value']):.2g} relative; certified: some eigenvalue lies that close to "
+              f"the value, not necessarily lambda_max); Kato-Temple estimate "
               f"{'not estimated (gap not resolved)' if lam['kato_temple'] is None else format(lam['kato_temple'], '.2g')}."]
     floor = min(m["fresh_ratio"] for m in s["modes"].values())
     if min(best, floor) < 1.5:  # below every mode's flop count: the gradient's time was disturbed
