@@ -13,7 +13,8 @@ from hessian_tools.cli.measure_common import add_measure_flags
 def add_parser(subparsers, name):
     p = subparsers.add_parser(name, help="Hessian trace with an error bar", description=__doc__.splitlines()[0])
     g = p.add_argument_group("estimator")
-    g.add_argument("--method", choices=("hutchinson", "hutchpp", "xtrace"), default="hutchinson", help="default hutchinson")
+    g.add_argument("--method", choices=("hutchinson", "hutchpp", "xtrace"), default="hutchinson",
+                   help="default hutchinson")
     g.add_argument("--samples", type=positive_int, default=100,
                    help="probes (Hutchinson) or HVPs (Hutch++, XTrace); default 100")
     g.add_argument("--target-std-error", type=positive_float, default=None,

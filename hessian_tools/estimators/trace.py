@@ -109,16 +109,16 @@ def xtrace_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "r
     unbiased because Q_i does not depend on the probe w_i. The value is the mean of the s t_i. One QR of Y
     and one block H Q serve every i: Q_i Q_i^T = Q (I - d_i d_i^T) Q^T with d_i the normalized i-th column
     of R^-T (rank-one downdates, O(n s^2) in all). When Y has numerical rank r < s (singular values below
-    RANK_RTOL times the largest), every Q_i spans the same r-dimensional range (probes in general position) and the basis costs r HVPs: for
-    rank(H) < s the answer is exact up to rounding.
+    RANK_RTOL times the largest), every Q_i spans the same r-dimensional range (probes in general position) and
+    the basis costs r HVPs: for rank(H) < s the answer is exact up to rounding.
 
     error = std(t_i, ddof=1) / sqrt(s), the paper's error estimate. The t_i share their probes, so it is not a
     standard error, and it is too small: on 300 random 60 x 60 symmetric matrices per spectrum at n_matvecs = 40
     (tests/test_xtrace.py), value +- error held tr(H) in 60 % of trials for a decaying spectrum and 45 % for a
     flat one, value +- 2 error in 88 % and 78 % (a standard error: 67 % and 94 %); error_kind "estimate".
     Returns an Estimate; payload: loo_estimates (the t_i), rank (r), low_rank_part (tr(Q^T H Q)),
-    sketch_frobenius_share (||H Q||_F^2 over ||Y||_F^2 / s, an unbiased estimate of ||H||_F^2: the share of
-    ||H||_F^2 the sketch holds, near 1 when the spectrum decays within s directions, about s / n when flat).
+    sketch_frobenius_share (||H Q||_F^2 over ||Y||_F^2 / s, an unbiased estimate of ||H||_F^2 = tr(H^2): the
+    share of it the sketch holds, near 1 when the spectrum decays within s directions, about s / n when flat).
     """
     n = c.dimension(op)
     n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=4)
