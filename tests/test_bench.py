@@ -116,7 +116,7 @@ def test_peers_part_matches_hutchinson_to_xtraces_measured_standard_error(peers_
         decays = x["sketch_share"] >= report.SHARE_FOR_2X
         assert ("the spectrum decays" in line) == decays
         assert ("does not decay enough" in line) == (not decays and t["xtrace_hvp_ratio"] < 2)
-        assert f"(a flat spectrum: {x['probes'] / x['n']:.1%})" in line and x["probes"] == accuracy.TRACE_BUDGET // 2
+        assert f"(a flat spectrum: {x['probes'] / x['n']:.2%})" in line and x["probes"] == accuracy.TRACE_BUDGET // 2
         assert f"| {model} | {x['std_error']:.3g} | {x['own_error']:.3g} |" in text
 
 

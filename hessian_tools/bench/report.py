@@ -208,8 +208,10 @@ def _xtrace_table(traces: dict) -> list[str]:
     if not rows:
         return []
     x0 = next(iter(rows.values()))["xtrace"]
+    spread = 1 / (2 * (x0["seeds"] - 1)) ** 0.5
     lines = ["", f"XTrace at {x0['hvps']} HVPs over {x0['seeds']} seeds: the spread of its answers (its measured "
-             "standard error) against its own error estimate (the paper's, too small on synthetic matrices: "
+             f"standard error, itself uncertain by about {spread:.0%} from {x0['seeds']} runs) against its own error "
+             "estimate (the paper's, too small on synthetic matrices: "
              "`estimators/trace.py`), the share of tr(H^2) its sketch holds (near 1 when the spectrum decays "
              "within the sketch, about s / n when flat), and Hutchinson's HVPs to the measured standard error:", "",
              "| model | measured SE | own error (mean) | own / measured | sketch share of tr(H^2) | Hutchinson HVPs | "
@@ -226,7 +228,7 @@ def _xtrace_goal(model: str, t: dict) -> str:
     x, ratio, reached = t["xtrace"], t["xtrace_hvp_ratio"], t["hutchinson to xtrace"]["reached"]
     bound = "" if reached else " or more (Hutchinson stopped at its cap)"
     held = (f"the {x['probes']}-direction sketch holds {x['sketch_share']:.0%} of tr(H^2) (a flat spectrum: "
-            f"{x['probes'] / x['n']:.1%})")
+            f"{x['probes'] / x['n']:.2%})")
     if x["sketch_share"] >= SHARE_FOR_2X:
         why = f"the spectrum decays: {held}"
     elif ratio < 2:

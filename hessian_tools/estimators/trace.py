@@ -66,6 +66,16 @@ def _std_error(samples: list[float]) -> float:
     return float(t.std(unbiased=True)) / math.sqrt(len(samples))
 
 
+def _sketch_setup(op, method: str, n_matvecs, per_probe: int, seed: int, distribution: str):
+    """(n, s, generator, device, settings) of a sketching estimator spending per_probe products per probe:
+    s = n_matvecs // per_probe >= 2 probes."""
+    n = c.dimension(op)
+    n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=2 * per_probe)
+    settings = {"method": method, "n_matvecs": n_matvecs, "distribution": distribution, "seed": seed,
+                "operator": c.operator_settings(op)}
+    return n, n_matvecs // per_probe, c.generator(seed), c.device_of(op), settings
+
+
 def hutchpp_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "rademacher") -> Estimate:
     """tr(H) by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with s = n_matvecs // 3 (cost 3 s HVPs).
 
@@ -74,12 +84,7 @@ def hutchpp_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "
     term is exact). Returns an Estimate: value = trace, error = standard error; payload: low_rank_part,
     residual_part, residual_samples, rank.
     """
-    n = c.dimension(op)
-    n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=6)
-    s = n_matvecs // 3
-    gen, device = c.generator(seed), c.device_of(op)
-    settings = {"method": "hutch++", "n_matvecs": n_matvecs, "distribution": distribution, "seed": seed,
-                "operator": c.operator_settings(op)}
+    n, s, gen, device, settings = _sketch_setup(op, "hutch++", n_matvecs, 3, seed, distribution)
     start, hvp0 = time.perf_counter(), op.hvp_count
     try:
         S = c.probes(gen, n, s, distribution, device)
@@ -120,12 +125,7 @@ def xtrace_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "r
     sketch_frobenius_share (||H Q||_F^2 over ||Y||_F^2 / s, an unbiased estimate of ||H||_F^2 = tr(H^2): the
     share of it the sketch holds, near 1 when the spectrum decays within s directions, about s / n when flat).
     """
-    n = c.dimension(op)
-    n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=4)
-    s = n_matvecs // 2
-    gen, device = c.generator(seed), c.device_of(op)
-    settings = {"method": "xtrace", "n_matvecs": n_matvecs, "distribution": distribution, "seed": seed,
-                "operator": c.operator_settings(op)}
+    n, s, gen, device, settings = _sketch_setup(op, "xtrace", n_matvecs, 2, seed, distribution)
     start, hvp0 = time.perf_counter(), op.hvp_count
     try:
         Omega = c.probes(gen, n, s, distribution, device)
