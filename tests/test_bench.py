@@ -4,6 +4,7 @@ ratios against the measured times, the peers' answers and ours against the float
 
 import importlib.util
 import json
+import numpy as np
 import pytest
 import torch
 from scipy.sparse.linalg import eigsh
@@ -94,6 +95,29 @@ def test_peers_part_without_peers_checks_ours_against_the_reference(peers_result
             assert t["hutchinson"]["std_error"] <= t["hutchpp"]["std_error"]
     json.dumps(peers_result, allow_nan=False)
     assert "not measured (run with the peers installed)" in report.markdown(peers_result)
+
+
+def test_peers_part_matches_hutchinson_to_xtraces_measured_standard_error(peers_result):
+    """XTrace's standard error is the spread of its seeded runs; Hutchinson runs until it; the goal line and the
+    decay statement follow from the ratio and the sketch's share of ||H||_F^2."""
+    text = report.markdown(peers_result)
+    for model, t in peers_result["traces"].items():
+        x, h = t["xtrace"], t["hutchinson to xtrace"]
+        assert len(x["values"]) == x["seeds"] == 3 and x["value"] == x["values"][0]
+        assert x["std_error"] == pytest.approx(float(np.std(x["values"], ddof=1)), rel=1e-12)
+        assert x["hvps"] == accuracy.TRACE_BUDGET and 0 < x["sketch_share"] and x["own_error"] > 0
+        assert t["xtrace_hvp_ratio"] == h["hvps"] / x["hvps"] and h["hvps"] <= accuracy.TRACE_CAP
+        if h["reached"]:
+            assert h["std_error"] <= x["std_error"]
+        met = "**met**" if t["xtrace_hvp_ratio"] >= 2 else "**missed**"
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"- XTrace >= 2x fewer HVPs than Hutchinson "
+                                                                      f"at matched standard error, {model}:"))
+        assert met in line and f"{t['xtrace_hvp_ratio']:.2f}x" in line and f"holds {x['sketch_share']:.0%}" in line
+        decays = x["sketch_share"] >= report.SHARE_FOR_2X
+        assert ("the spectrum decays" in line) == decays
+        assert ("does not decay enough" in line) == (not decays and t["xtrace_hvp_ratio"] < 2)
+        assert f"(a flat spectrum: {x['probes'] / x['n']:.2%})" in line and x["probes"] == accuracy.TRACE_BUDGET // 2
+        assert f"| {model} | {x['std_error']:.3g} | {x['own_error']:.3g} |" in text
 
 
 def test_the_float64_reference_agrees_with_scipy_eigsh(peers_result, tmp_path_factory):

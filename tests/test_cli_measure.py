@@ -158,6 +158,17 @@ def test_trace_within_three_standard_errors(ckpt_dir, dense_params, capsys, meth
     assert 0 < rec["error"] and abs(rec["value"] - exact) <= 3 * rec["error"]
 
 
+def test_trace_xtrace_within_three_errors_labelled_an_estimate(ckpt_dir, dense_params, capsys):
+    argv = ["trace", str(ckpt_dir), "--params", PARAMS, "--method", "xtrace", "--samples", "60", *DATA, *EXACT]
+    rec, _ = run_json(capsys, *argv, "--json")
+    assert rec["settings"]["method"] == "xtrace" and rec["error_kind"] == "estimate" and rec["hvp_count"] == 60
+    assert len(rec["payload"]["loo_estimates"]) == 30 and rec["payload"]["rank"] == 30
+    assert 0 < rec["error"] and abs(rec["value"] - float(np.trace(dense_params))) <= 3 * rec["error"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "estimate, no guarantee" in table and "XTrace's leave-one-out estimate" in table
+
+
 def test_data_spread_jackknife_and_sample_size_curve(ckpt_dir, capsys):
     argv = ["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-8", "--data-spread", "8",
             "--sample-size-curve", "--batches", "8", "--batch-size", "1", "--seed", "3", *EXACT]
@@ -212,6 +223,8 @@ def test_spectrum_with_a_float32_basis_in_a_budget(ckpt_dir, dense_params, capsy
     (["spectrum", "{ckpt}", "--method", "power", "--basis-dtype", "float32"], "use them with --method lanczos"),
     (["spectrum", "{ckpt}", "--params", PARAMS, "--basis-budget", "100"], "raise basis_budget"),
     (["trace", "{ckpt}", "--method", "hutchpp", "--target-std-error", "1"], "hutchinson only"),
+    (["trace", "{ckpt}", "--method", "xtrace", "--target-std-error", "1"], "hutchinson only"),
+    (["trace", "{ckpt}", "--method", "xtrace", "--samples", "3"], "n_matvecs=3 must be an integer >= 4"),
     (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
     (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),

@@ -60,12 +60,13 @@ def compare_peers(quick: bool, runs_root, with_peers: bool, say) -> dict:
     else:
         dirs = checkpoints.run_dirs(archs, root, say)
     out = {"runs_root": str(root), "with_peers": with_peers, "accuracy": accuracy.ACCURACY, "models": {}, "traces": {}}
+    xtrace_seeds = 3 if quick else accuracy.XTRACE_SEEDS
     for arch in archs:
         step, model, batch = checkpoints.load_run(dirs[arch])[-1]
         say(f"peers: {arch} step {step}")
         out["models"][f"{arch} step {step}"] = accuracy.model_rows(model, batch, with_peers)
         say(f"peers: {arch} step {step} trace")
-        out["traces"][f"{arch} step {step}"] = accuracy.trace_rows(model, batch, with_peers)
+        out["traces"][f"{arch} step {step}"] = accuracy.trace_rows(model, batch, with_peers, xtrace_seeds)
     step, model, batch = checkpoints.at_init(dirs["simplegpt"])
     say("peers: simplegpt at init")
     out["models"]["simplegpt init"] = accuracy.model_rows(model, batch, with_peers)

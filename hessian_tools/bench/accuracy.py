@@ -17,6 +17,9 @@ Warm sweep: lambda_max at the 4 checkpoints of one run, ours warm-started from t
 vector (mixed with 10 % noise, as `hessian_tools.sweep` does), against the fastest peer run cold on each.
 Trace: Hutch++ with a budget of TRACE_BUDGET HVPs; our Hutchinson until Hutch++'s standard error (at most
 TRACE_CAP probes); PyHessian's and hessian-eigenthings' estimators at the same budget with their errors.
+XTrace at the same budget: its own error estimate is too small to match against (estimators/trace.py), so its
+standard error is measured as the spread of XTRACE_SEEDS seeded runs, and our Hutchinson runs until that; the
+sketch's share of ||H||_F^2 (payload sketch_frobenius_share, mean over the seeds) says how far the spectrum decays.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ QUANTITIES = {"lambda_max": ("largest", "LA"), "lambda_min": ("smallest", "SA"),
 POWER_ITER = 100
 TRACE_BUDGET = 60
 TRACE_CAP = 600
+XTRACE_SEEDS = 8  # 3 in the quick part
 
 
 def reference(model, batch) -> dict:
@@ -212,23 +216,37 @@ def warm_sweep(models: list, batch, with_peers: bool) -> dict:
     return out
 
 
-def trace_rows(model, batch, with_peers: bool) -> dict:
-    """Hutch++ at TRACE_BUDGET; Hutchinson until its standard error; the peers' estimators at the same budget."""
+def trace_rows(model, batch, with_peers: bool, xtrace_seeds: int = XTRACE_SEEDS) -> dict:
+    """Hutch++ at TRACE_BUDGET; Hutchinson until its standard error; XTrace at TRACE_BUDGET over xtrace_seeds seeds
+    and Hutchinson until their spread; the peers' estimators at the same budget."""
     import math
     import statistics
 
-    from hessian_tools.estimators import hutchinson_trace, hutchpp_trace
+    from hessian_tools.estimators import hutchinson_trace, hutchpp_trace, xtrace_trace
     from hessian_tools.operators import ParamHessian
 
     def op():
         return ParamHessian(model, [batch], dtype=torch.float32)
 
+    def hutchinson_to(target):
+        h, s = timed(lambda: hutchinson_trace(op(), n_samples=TRACE_CAP, max_samples=TRACE_CAP,
+                                              target_std_error=target))
+        return {"value": h.value, "std_error": h.error, "hvps": h.hvp_count, "seconds": s, "reached": h.converged}
+
     pp, s = timed(lambda: hutchpp_trace(op(), n_matvecs=TRACE_BUDGET))
     out = {"hutchpp": {"value": pp.value, "std_error": pp.error, "hvps": pp.hvp_count, "seconds": s}}
-    h, s = timed(lambda: hutchinson_trace(op(), n_samples=TRACE_CAP, target_std_error=pp.error))
-    out["hutchinson"] = {"value": h.value, "std_error": h.error, "hvps": h.hvp_count, "seconds": s,
-                         "reached": h.converged}
-    out["hvp_ratio"] = h.hvp_count / pp.hvp_count  # a lower bound when Hutchinson stopped at the cap
+    out["hutchinson"] = hutchinson_to(pp.error)
+    out["hvp_ratio"] = out["hutchinson"]["hvps"] / pp.hvp_count  # a lower bound when Hutchinson stopped at the cap
+    runs = [timed(lambda seed=seed: xtrace_trace(op(), n_matvecs=TRACE_BUDGET, seed=seed))
+            for seed in range(xtrace_seeds)]
+    values = [r.value for r, _ in runs]
+    out["xtrace"] = {"value": values[0], "std_error": statistics.stdev(values),  # one run: seed 0, its measured SE
+                     "hvps": runs[0][0].hvp_count, "seconds": statistics.fmean(s for _, s in runs),
+                     "seeds": xtrace_seeds, "values": values, "own_error": statistics.fmean(r.error for r, _ in runs),
+                     "probes": len(runs[0][0].payload["loo_estimates"]), "n": runs[0][0].settings["operator"]["n"],
+                     "sketch_share": statistics.fmean(r.payload["sketch_frobenius_share"] for r, _ in runs)}
+    out["hutchinson to xtrace"] = hutchinson_to(out["xtrace"]["std_error"])
+    out["xtrace_hvp_ratio"] = out["hutchinson to xtrace"]["hvps"] / out["xtrace"]["hvps"]  # a lower bound at the cap
     if with_peers:
         samples, counted = P.pyhessian(model, batch, "trace", maxIter=TRACE_BUDGET, tol=float("-inf"))
         out["pyhessian trace()"] = {"value": statistics.fmean(samples), "hvps": counted.hvps,

@@ -162,8 +162,11 @@ def peers(result: dict) -> str:
                 lines.append(f"| {model} | {method} | | fails: {r['failed']} | |")
                 continue
             se = "none reported" if r.get("std_error") is None else f"{r['std_error']:.3g}"
-            lines.append(f"| {model} | {method} | {r['hvps']} | {r['value']:.6g} | {se} |")
+            label = {"xtrace": f"xtrace (seed 0; standard error measured over {r.get('seeds')} seeds)",
+                     "hutchinson to xtrace": "hutchinson to xtrace's standard error"}.get(method, method)
+            lines.append(f"| {model} | {label} | {r['hvps']} | {r['value']:.6g} | {se} |")
         ratios.append((t["hvp_ratio"], model, t["hutchinson"]["reached"]))
+    lines += _xtrace_table(result["traces"])
     lines += ["", "Goals:"]
     if trained:
         worst = min(trained)
@@ -186,7 +189,53 @@ def peers(result: dict) -> str:
         bound = "" if reached else " or more (Hutchinson stopped at its cap)"
         lines.append(_goal(f"Hutch++ >= 2x fewer HVPs than Hutchinson at matched standard error, {model}",
                            ratio >= 2, f"{ratio:.2f}x{bound}"))
+    for model, t in result["traces"].items():
+        if "xtrace" in t:
+            lines.append(_xtrace_goal(model, t))
     return "\n".join(lines)
+
+
+# With s = m / 2 probes spent on the basis, XTrace's residual probes carry about (1 - share) of Hutchinson's
+# per-probe variance, so at matched standard error Hutchinson needs about s / (1 - share) products against m:
+# a ratio of about 1 / (2 (1 - share)), 2x at a share of 3/4. A rough model (Rademacher probes ignore the
+# diagonal, and the leave-one-out average does better than one split), used only to say why a goal is missed.
+SHARE_FOR_2X = 0.75
+
+
+def _xtrace_table(traces: dict) -> list[str]:
+    rows = {model: t for model, t in traces.items() if "xtrace" in t}
+    if not rows:
+        return []
+    x0 = next(iter(rows.values()))["xtrace"]
+    spread = 1 / (2 * (x0["seeds"] - 1)) ** 0.5
+    lines = ["", f"XTrace at {x0['hvps']} HVPs over {x0['seeds']} seeds: the spread of its answers (its measured "
+             f"standard error, itself uncertain by about {spread:.0%} from {x0['seeds']} runs) against its own error "
+             "estimate (the paper's, too small on synthetic matrices: "
+             "`estimators/trace.py`), the share of tr(H^2) its sketch holds (near 1 when the spectrum decays "
+             "within the sketch, about s / n when flat), and Hutchinson's HVPs to the measured standard error:", "",
+             "| model | measured SE | own error (mean) | own / measured | sketch share of tr(H^2) | Hutchinson HVPs | "
+             "ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, t in rows.items():
+        x, h = t["xtrace"], t["hutchinson to xtrace"]
+        cap = "" if h["reached"] else " (cap)"
+        lines.append(f"| {model} | {x['std_error']:.3g} | {x['own_error']:.3g} | {x['own_error'] / x['std_error']:.2f} "
+                     f"| {x['sketch_share']:.0%} | {h['hvps']}{cap} | {t['xtrace_hvp_ratio']:.2f}x |")
+    return lines
+
+
+def _xtrace_goal(model: str, t: dict) -> str:
+    x, ratio, reached = t["xtrace"], t["xtrace_hvp_ratio"], t["hutchinson to xtrace"]["reached"]
+    bound = "" if reached else " or more (Hutchinson stopped at its cap)"
+    held = (f"the {x['probes']}-direction sketch holds {x['sketch_share']:.0%} of tr(H^2) (a flat spectrum: "
+            f"{x['probes'] / x['n']:.2%})")
+    if x["sketch_share"] >= SHARE_FOR_2X:
+        why = f"the spectrum decays: {held}"
+    elif ratio < 2:
+        why = f"the spectrum does not decay enough: {held}, short of the about {SHARE_FOR_2X:.0%} a 2x gain needs"
+    else:
+        why = f"{held}, less than the about {SHARE_FOR_2X:.0%} the rough variance model asks for 2x"
+    return _goal(f"XTrace >= 2x fewer HVPs than Hutchinson at matched standard error, {model}", ratio >= 2,
+                 f"{ratio:.2f}x{bound}; {why}")
 
 
 # ------------------------------------------------------------------------------------------------- scale

@@ -8,7 +8,7 @@ from hessian_tools.estimators.data_error import jackknife, sample_size_curve
 from hessian_tools.estimators.lanczos import lanczos, spectral_norm
 from hessian_tools.estimators.power import power_iteration
 from hessian_tools.estimators.slq import slq_density
-from hessian_tools.estimators.trace import hutchinson_trace, hutchpp_trace
+from hessian_tools.estimators.trace import hutchinson_trace, hutchpp_trace, xtrace_trace
 
 __all__ = ["hutchinson_trace", "hutchpp_trace", "jackknife", "lanczos", "power_iteration",
-           "sample_size_curve", "slq_density", "spectral_norm"]
+           "sample_size_curve", "slq_density", "spectral_norm", "xtrace_trace"]
