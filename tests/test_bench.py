@@ -141,7 +141,9 @@ def test_pyhessian_adapter_counts_its_products_and_is_scored_against_the_referen
         pytest.skip("PyHessian (dev extra) is not installed")
     _, model, batch = checkpoints.load_run(peers_result["runs_root"] + "/runs/simplegpt")[-1]
     (values, _), counted = P.pyhessian(model, batch, "eigenvalues", maxIter=30, tol=1e-4)
-    assert counted.hvps >= 2 and counted.trace[-1][1] == pytest.approx(values[0], rel=1e-5)
+    # stopping on tol, PyHessian returns the quotient before the last product (pyhessian/hessian.py eigenvalues)
+    answered = counted.trace[-2] if counted.hvps < 30 else counted.trace[-1]
+    assert counted.hvps >= 2 and answered[1] == pytest.approx(values[0], rel=1e-5)  # float32 products
     assert all(t1 >= t0 for (t0, _), (t1, _) in zip(counted.trace, counted.trace[1:]))
     ref = peers_result["models"]["simplegpt step 20"]["reference"]
     row = accuracy._default_row(values[0], "dominant", ref, counted.hvps, 1.0)
