@@ -79,9 +79,8 @@ def measured_rounding(op, gen: torch.Generator) -> tuple[float | None, int]:
         return None, 0
     twin = op.with_dtype(torch.float64)
     worst = 0.0
-    n = op.shape[0]
     for _ in range(ROUNDING_PROBES):
-        v = torch.randn(n, generator=gen, dtype=c.FLOAT).to(c.device_of(op))
+        v = c.gaussian(op, gen)
         exact = c.matvec(twin, v)
-        worst = max(worst, float(torch.linalg.vector_norm(c.matvec(op, v) - exact) / torch.linalg.vector_norm(exact)))
+        worst = max(worst, c.norm(op, c.matvec(op, v) - exact) / c.norm(op, exact))
     return ROUNDING_SAFETY * worst, ROUNDING_PROBES

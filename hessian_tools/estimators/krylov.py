@@ -25,7 +25,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from hessian_tools.estimators._common import FLOAT, matvec
+from hessian_tools.estimators._common import FLOAT, dimension, dot, gaussian, matvec, norm, summed
 
 BREAKDOWN_RTOL = 1e-12  # beta below this times ||T|| counts as an invariant subspace
 BLOCK = 16  # basis vectors are stored in blocks of this many rows: growth never copies the basis
@@ -35,22 +35,25 @@ class KrylovBasis:
     """Grows the Lanczos basis one HVP at a time; `ritz()` returns the current Ritz values and residuals.
 
     The basis lives in (BLOCK, n) float64 blocks on v0's device, one contiguous row per vector, so memory
-    grows with the steps taken (8 n BLOCK bytes at a time) and is never copied.
+    grows with the steps taken (8 n BLOCK bytes at a time) and is never copied. n is the length of the stored
+    vectors: the operator's dimension `dim`, or this rank's local_n for a sharded operator (`_common`), whose
+    inner products and norms are all-reduced.
     """
 
     def __init__(self, op, v0: torch.Tensor, max_steps: int, gen: torch.Generator | None = None,
                  rounding: float = 0.0):
         self.op, self.n, self.max_steps, self.gen, self.rounding = op, v0.numel(), max_steps, gen, rounding
+        self.dim = dimension(op)
         self.blocks: list[torch.Tensor] = []
         self.alpha: list[float] = []
         self.beta: list[float] = []  # beta[j] couples q_j and q_{j+1}; 0 at a restart
         self.column_errors: list[float] = []  # bounds on ||E e_j|| (module docstring)
         self.block_starts = [0]
-        self.start_norms = [float(torch.linalg.vector_norm(v0))]  # ||v0||, then each restart's ||P g||
+        self.start_norms = [norm(op, v0)]  # ||v0||, then each restart's ||P g||
         self.breakdowns = 0
         self.exhausted = False
         v = v0.to(FLOAT)
-        self._store(0, v / torch.linalg.vector_norm(v))
+        self._store(0, v / norm(op, v))
 
     @property
     def m(self) -> int:
@@ -77,7 +80,7 @@ class KrylovBasis:
         basis = self._basis()
         removed = torch.zeros(self.m, dtype=FLOAT, device=w.device)
         for _ in range(2):
-            coefficients = [blk @ w for blk in basis]
+            coefficients = summed(self.op, [blk @ w for blk in basis])
             for b, (blk, h) in enumerate(zip(basis, coefficients)):
                 w = w - blk.T @ h
                 removed[b * BLOCK: b * BLOCK + h.numel()] += h
@@ -88,28 +91,28 @@ class KrylovBasis:
         j = self.m
         q = self._vector(j)
         w = matvec(self.op, q)
-        self.alpha.append(float(q @ w))
-        product_norm = float(torch.linalg.vector_norm(w))
+        self.alpha.append(dot(self.op, q, w))
+        product_norm = norm(self.op, w)
         w, removed = self._orthogonalise(w)
         removed[j] -= self.alpha[j]
         if j > self.block_starts[-1]:
             removed[j - 1] -= self.beta[j - 1]
         self.column_errors.append(float(torch.linalg.vector_norm(removed)) + self.rounding * product_norm)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = norm(self.op, w)
         scale = max(max(abs(a) for a in self.alpha), max(self.beta, default=0.0))
-        if beta > BREAKDOWN_RTOL * scale and self.m < self.n:
+        if beta > BREAKDOWN_RTOL * scale and self.m < self.dim:
             self.beta.append(beta)
             self._store(j + 1, w / beta)
             return
         self.column_errors[j] += beta  # dropped: H q_j - Q T e_j keeps it
         self.beta.append(0.0)
-        if self.m >= self.n or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
+        if self.m >= self.dim or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
             self.exhausted = True
             return
         self.breakdowns += 1
-        fresh, _ = self._orthogonalise(torch.randn(self.n, generator=self.gen, dtype=FLOAT).to(q.device))
+        fresh, _ = self._orthogonalise(gaussian(self.op, self.gen, q.device))
         self.block_starts.append(j + 1)
-        self.start_norms.append(float(torch.linalg.vector_norm(fresh)))
+        self.start_norms.append(norm(self.op, fresh))
         self._store(j + 1, fresh / self.start_norms[-1])
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,7 +148,7 @@ class KrylovBasis:
         return float(theta[0]), float(theta[-1])
 
     def ritz_vectors(self, S_cols: np.ndarray) -> torch.Tensor:
-        """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors."""
+        """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors (this rank's rows for a sharded operator)."""
         S_t = torch.as_tensor(S_cols, dtype=FLOAT, device=self.blocks[0].device)
         return sum(blk.T @ S_t[b * BLOCK: b * BLOCK + blk.shape[0]] for b, blk in enumerate(self._basis()))
 

@@ -2,7 +2,7 @@
 
 Probes z have E[z z^T] = I, so z^T H z is an unbiased sample of tr(H); the standard error is the sample
 standard deviation (ddof=1) over sqrt(#samples). Probes come in blocks of `block_size` through op.matmat;
-the seed and block size fix them.
+the seed and block size fix them. A sharded operator (`_common`) gets the same probes, cut to each rank's rows.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def hutchinson_trace(op, n_samples: int = 100, seed: int = 0, target_std_error: 
         target_std_error = c.positive_float("target_std_error", target_std_error)
     max_samples = 10 * n_samples if max_samples is None else c.positive_int("max_samples", max_samples, low=2)
     limit = n_samples if target_std_error is None else max_samples
-    gen, device = c.generator(seed), c.device_of(op)
+    gen = c.generator(seed)
     settings = {"method": "hutchinson", "n_samples": n_samples, "target_std_error": target_std_error,
                 "max_samples": max_samples, "distribution": distribution, "block_size": block_size, "seed": seed,
                 "operator": c.operator_settings(op)}
@@ -45,8 +45,8 @@ def hutchinson_trace(op, n_samples: int = 100, seed: int = 0, target_std_error: 
     converged = target_std_error is None
     try:
         while len(samples) < limit:
-            Z = c.probes(gen, n, min(block_size, limit - len(samples)), distribution, device)
-            samples += (Z * c.matmat(op, Z)).sum(dim=0).tolist()
+            Z = c.probes(op, gen, min(block_size, limit - len(samples)), distribution)
+            samples += c.summed(op, (Z * c.matmat(op, Z)).sum(dim=0)).tolist()
             if target_std_error is not None and len(samples) >= MIN_SAMPLES_BEFORE_STOP:
                 if _std_error(samples) <= target_std_error:
                     converged = True
@@ -73,20 +73,20 @@ def hutchpp_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "
     term is exact). Returns an Estimate: value = trace, error = standard error; payload: low_rank_part,
     residual_part, residual_samples, rank.
     """
-    n = c.dimension(op)
+    c.dimension(op)  # UserError unless op is square
     n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=6)
     s = n_matvecs // 3
-    gen, device = c.generator(seed), c.device_of(op)
+    gen = c.generator(seed)
     settings = {"method": "hutch++", "n_matvecs": n_matvecs, "distribution": distribution, "seed": seed,
                 "operator": c.operator_settings(op)}
     start, hvp0 = time.perf_counter(), op.hvp_count
     try:
-        S = c.probes(gen, n, s, distribution, device)
-        G = c.probes(gen, n, s, distribution, device)
-        Q = torch.linalg.qr(c.matmat(op, S), mode="reduced").Q
-        low_rank = float(torch.trace(Q.T @ c.matmat(op, Q)))
-        G = G - Q @ (Q.T @ G)
-        samples = (G * c.matmat(op, G)).sum(dim=0)
+        S = c.probes(op, gen, s, distribution)
+        G = c.probes(op, gen, s, distribution)
+        Q = c.orthonormal_columns(op, c.matmat(op, S))
+        low_rank = float(c.summed(op, torch.trace(Q.T @ c.matmat(op, Q))))
+        G = G - Q @ c.summed(op, Q.T @ G)
+        samples = c.summed(op, (G * c.matmat(op, G)).sum(dim=0))
     except c.NonFiniteProduct as exc:
         return Estimate("trace", None, None, "standard-error", False, op.hvp_count - hvp0,
                         time.perf_counter() - start, settings, status=f"failed: {exc}")
