@@ -204,6 +204,7 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
     (["spectrum", "{ckpt}", "--distributed", "--data-spread", "8"], "do not run under --distributed"),
     (["spectrum", "{ckpt}", "--distributed", "--sample-size-curve"], "do not run under --distributed"),
+    (["spectrum", "{ckpt}", "--site", SITE, "--scale-free", "--distributed"], "--scale-free does not run under"),
     (["spectrum", "{ckpt}", "--data-spread", "2"], "--data-spread must be an integer >= 8, got 2"),
     (["spectrum", "{ckpt}", "--batches", "12", "--data-spread", "8"], "not a multiple of --data-spread 8"),
     (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),
@@ -239,9 +240,11 @@ def free_port():
 
 
 @pytest.mark.distributed
-def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
-    # 3 batches over 2 ranks: uneven shares, so the weighting of the all-reduce must be exact
-    argv = ["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-10", "--which", "both", "--json",
+@pytest.mark.parametrize("space", [["--params", PARAMS], ["--site", SITE]], ids=["params", "activation-sharded"])
+def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys, space):
+    # 3 batches over 2 ranks: uneven shares, so the weighting of the all-reduce (params) or of the shards
+    # (activations: rank 0 holds 2 batches' blocks, rank 1 one) must be exact
+    argv = ["spectrum", str(ckpt_dir), *space, "--tol", "1e-10", "--which", "both", "--json",
             "--batches", "3", "--batch-size", "2", "--seed", "3", *EXACT]
     single, _ = run_json(capsys, *argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -255,6 +258,9 @@ def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
     assert dist["provenance"]["world_size"] == 2 and dist["settings"]["operator"]["world_size"] == 2
     np.testing.assert_allclose(dist["payload"]["eigenvalues"], single["payload"]["eigenvalues"], rtol=1e-8)
     assert dist["settings"]["operator"]["total_weight"] == 3 * 2 * 8
+    if space[0] == "--site":  # rank 0 (which prints) keeps 2 of the 3 batches' rows of every Krylov vector
+        assert dist["settings"]["operator"]["sharded"] and dist["settings"]["operator"]["n"] == 3 * 2 * 8 * 16
+        assert dist["settings"]["operator"]["local_n"] == 2 * 2 * 8 * 16
 
 
 def test_the_printed_promise_says_what_a_float32_interval_rests_on(ckpt_dir, capsys):

@@ -216,6 +216,9 @@ def _check_flags(args):
     groups = getattr(args, "data_spread", None)
     if args.distributed and (groups is not None or getattr(args, "sample_size_curve", False)):
         raise UserError("--data-spread and --sample-size-curve do not run under --distributed; drop one of them")
+    if args.distributed and args.scale_free:
+        raise UserError("--scale-free does not run under --distributed (each rank would scale by its own batches' "
+                        "mean square); drop one of them")
     if args.distributed:
         require_torchrun()
     if groups is not None and args.batches % groups:
@@ -275,9 +278,9 @@ def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
     make_op = operator_factory(args, ckpt)
     if args.distributed:
-        from hessian_tools.distributed import DistributedBlockOperator, DistributedOperator
+        from hessian_tools.distributed import DistributedOperator, ShardedBlockOperator
 
-        op = (DistributedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
+        op = (ShardedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
         local = op.local
     else:
         op = local = make_op(batches)
