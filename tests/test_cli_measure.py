@@ -263,6 +263,27 @@ def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys, space)
         assert dist["settings"]["operator"]["local_n"] == 2 * 2 * 8 * 16
 
 
+@pytest.mark.parametrize("world, batches, share", [(1, 3, 3), (2, 3, 2)])
+def test_the_memory_check_counts_the_largest_ranks_share_of_sharded_vectors_and_graphs(ckpt_dir, monkeypatch, world,
+                                                                                      batches, share):
+    from hessian_tools import footprint
+    from hessian_tools.cli import build_parser
+    from hessian_tools.cli.common import open_from_args
+    from hessian_tools.cli.measure_common import check_memory
+
+    args = build_parser().parse_args(["spectrum", str(ckpt_dir), "--site", SITE, "--batches", str(batches),
+                                      "--batch-size", "2", *(["--distributed"] if world > 1 else [])])
+    args.space = "activation"  # what the flag checks set for --site
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    seen = {}
+    monkeypatch.setattr(footprint, "require_memory", lambda parts, what, device: seen.update(parts, what=what))
+    check_memory(args, open_from_args(args), lambda n: 3)
+    rows = share * 2 * 8  # rank 0 holds ceil(batches / world) batches of 2 x 8 tokens
+    assert seen["float64 vectors"] == footprint.krylov_bytes(rows * 16, 3)
+    assert seen["kept graphs"] == share * footprint.graph_bytes(open_from_args(args).config, 2, 8, 4)
+    assert f"on {share} batches{' per rank' if world > 1 else ''} of 2 x 8 tokens" in seen["what"]
+
+
 def test_the_printed_promise_says_what_a_float32_interval_rests_on(ckpt_dir, capsys):
     """float64: probabilistic with its failure probability; float32: measured rounding, never "certified"."""
     lines = {}
