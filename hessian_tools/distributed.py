@@ -102,8 +102,8 @@ class Shard:
     local vector is their concatenation (local_n entries). The communication of sharded estimators goes through
     here: `sum` (all-reduce of partial sums), `gather` (all-gather of a small tensor), `whole` (a full vector)."""
 
-    def __init__(self, spans: list[tuple[int, int]], n: int, group=None):
-        self.spans, self.n, self.group = spans, n, group
+    def __init__(self, spans: list[tuple[int, int]], n: int, largest_local_n: int, group=None):
+        self.spans, self.n, self.largest_local_n, self.group = spans, n, largest_local_n, group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.local_n = sum(size for _, size in spans)
 
@@ -158,7 +158,8 @@ class ShardedBlockOperator(DistributedOperator):
         offsets = [0]
         for b in range(len(size_of)):
             offsets.append(offsets[-1] + size_of[b])
-        self.shard = Shard([(offsets[b], size_of[b]) for b in self.mine], offsets[-1], group)
+        largest = max(sum(size for _, size in part) for part in every)
+        self.shard = Shard([(offsets[b], size_of[b]) for b in self.mine], offsets[-1], largest, group)
         self.shape = (offsets[-1], offsets[-1])
 
     def _apply(self, V: torch.Tensor, product) -> torch.Tensor:

@@ -160,8 +160,13 @@ def test_scale_part_at_a_tiny_shape():
     assert s["n_params"] == sum(p.numel() for p in build_model(GPTConfig(**scale.QUICK)).parameters())
     for mode, m in s["modes"].items():
         assert m["kept_ratio"] == m["kept_s"] / s["grad_s"] and m["peak_bytes"] > 0
-    assert s["lambda_max"]["converged"] and s["lambda_max"]["hvps"] > 0
-    assert "HVP <= 3 gradients" in report.markdown(result)
+    lam = s["lambda_max"]
+    assert lam["converged"] and lam["hvps"] > lam["steps"] > 0 and lam["steps"] <= lam["max_iter"]
+    lo, hi = lam["interval"]
+    assert lo <= lam["value"] <= hi and (hi - lo) <= 2 * scale.ACCURACY * abs(lam["value"])
+    assert lam["basis_budget_bytes"] > 0 and lam["error_kind"] == "measured"
+    text = report.markdown(result)
+    assert "HVP <= 3 gradients" in text and "lambda_max to 0.001 (guaranteed interval): **met**" in text
 
 
 def test_throughput_part_at_a_tiny_shape():

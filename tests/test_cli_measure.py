@@ -193,11 +193,24 @@ def test_density_writes_png_and_record(ckpt_dir, tmp_path, capsys):
     assert rec["payload"]["moments"][0] == pytest.approx(1.0, rel=1e-12)  # quadrature weights sum to 1
 
 
+def test_spectrum_with_a_float32_basis_in_a_budget(ckpt_dir, dense_params, capsys):
+    top = np.linalg.eigvalsh(dense_params)[-1]
+    budget = 4 * 272 * 13  # 13 float32 vectors of the 272 parameters: 12 steps
+    rec, _ = run_json(capsys, "spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-10", "--json",
+                      "--basis-dtype", "float32", "--basis-budget", str(budget), *DATA, *EXACT)
+    lo, hi = rec["payload"]["interval"]
+    assert lo <= top <= hi and rec["value"] == pytest.approx(top, rel=1e-4)
+    assert rec["settings"]["basis_dtype"] == "float32" and rec["settings"]["basis_budget_bytes"] == budget
+    assert rec["settings"]["max_iter"] == 12 and rec["payload"]["steps"] <= 12
+
+
 @pytest.mark.parametrize("argv, message", [
     (["spectrum", "{ckpt}", "--site", "layers.0.nowhere:out"], "valid sites: tok_embeddings:out"),
     (["spectrum", "{missing}"], "no such checkpoint"),
     (["spectrum", "{ckpt}", "--space", "activation"], "needs --site"),
     (["spectrum", "{ckpt}", "--method", "power", "--which", "smallest"], "--which magnitude"),
+    (["spectrum", "{ckpt}", "--method", "power", "--basis-dtype", "float32"], "use them with --method lanczos"),
+    (["spectrum", "{ckpt}", "--params", PARAMS, "--basis-budget", "100"], "raise basis_budget"),
     (["trace", "{ckpt}", "--method", "hutchpp", "--target-std-error", "1"], "hutchinson only"),
     (["spectrum", "{ckpt}", "--params", "no_such_param"], "no parameter matches"),
     (["spectrum", "{ckpt}", "--space", "params", "--site", SITE], "--site names an activation"),

@@ -93,6 +93,8 @@ def act_estimates(op, record=lambda mark: None) -> dict:
     est = lanczos(op, k=1, which="both", tol=1e-10, return_vectors=True)
     out.update(eigs=est.payload["eigenvalues"], interval=est.payload["interval"], steps=est.payload["steps"],
                ritz=est.vectors)
+    stored32 = lanczos(op, tol=1e-8, basis_dtype=torch.float32)  # the storage's rounding, all-reduced
+    out.update(stored32=[stored32.value, *stored32.payload["interval"]])
     sn = spectral_norm(op, tol=1e-10)
     out.update(norm=sn.value, norm_interval=sn.payload["interval"])
     pw = power_iteration(op, tol=1e-9, max_iter=400, return_vectors=True)
@@ -135,6 +137,8 @@ def act_worker(rank, world_size, port, out_dir):
         out = act_estimates(op, lambda mark: marks.setdefault(mark, len(sizes)))
         warm_shard = lanczos(op, tol=1e-8, v0=c.local(op, probe(op.shape[0])))  # v0 as this rank's shard
         out.update(warm_shard=[warm_shard.value, *warm_shard.payload["interval"]])
+        budgeted = lanczos(op, tol=1e-8, basis_budget=8 * 11 * 7 * 96)  # 11 float64 rows of rank 0's local_n
+        out.update(budget_steps=budgeted.settings["max_iter"])
         np.savez(f"{out_dir}/act{rank}.npz", **{k: np.asarray(v) for k, v in out.items()}, mine=op.mine,
                  spans=op.shard.spans, local_n=op.shard.local_n, n=op.shape[0], product_collectives=marks["products"],
                  estimator_sizes=sizes[marks["products"]: marks["estimators"]])
@@ -169,7 +173,7 @@ def test_sharded_activation_estimators_on_two_processes_match_single_process(tmp
     for key in ("hv", "hV"):
         np.testing.assert_allclose(whole(ranks, key), single[key].numpy(), rtol=1e-12, atol=1e-14)
     for key in ("eigs", "interval", "norm", "norm_interval", "power", "power_interval", "hutchinson", "hutchpp",
-                "slq_moments", "alpha", "beta", "warm"):
+                "slq_moments", "alpha", "beta", "warm", "stored32"):
         for r in ranks:
             np.testing.assert_allclose(r[key], single[key], rtol=1e-8, atol=1e-12, err_msg=key)
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)  # one iteration on both ranks
@@ -179,9 +183,11 @@ def test_sharded_activation_estimators_on_two_processes_match_single_process(tmp
     for key in ("ritz", "power_vector"):
         want = single[key].numpy()
         np.testing.assert_allclose(same_up_to_sign(whole(ranks, key), want), want, atol=1e-8, err_msg=key)
-    # A warm start given as each rank's shard is the warm start given whole.
+    # A warm start given as each rank's shard is the warm start given whole; a basis budget is per rank, sized
+    # by the largest rank's rows (11 vectors: 10 steps on every rank).
     for r in ranks:
         np.testing.assert_array_equal(r["warm_shard"], r["warm"])
+        assert int(r["budget_steps"]) == 10
     # Each rank stores only its local_n rows of every Krylov vector, and no collective moves a vector: products
     # communicate nothing, the estimators only scalars and coefficient vectors (at most one per basis vector).
     for r in ranks:

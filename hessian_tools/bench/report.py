@@ -207,11 +207,17 @@ def scale(result: dict) -> str:
         lines.append(f"| {mode} | {_s(m['first_s'])} | {_s(m['kept_s'])} | {m['kept_ratio']:.2f} | {_s(m['fresh_s'])} | "
                      f"{m['fresh_ratio']:.2f} | {_mb(m['peak_bytes'])} | {_mb(m['kept_graph_bytes'])} |")
     best = min(m["kept_ratio"] for m in s["modes"].values())
-    if "skipped" in lam:
-        lines += ["", f"lambda_max: not measured: {lam['skipped']}."]
-    else:
-        lines += ["", f"lambda_max = {lam['value']:.6g} +- {lam['error']:.2g} ({lam['error_kind']}, converged "
-                  f"{lam['converged']}) in {lam['hvps']} HVPs, {_s(lam['seconds'])}."]
+    lo, hi = lam["interval"]
+    width = (hi - lo) / abs(lam["value"])
+    limit = (f"at most {lam['max_iter']} steps: what a float32 basis fits in the {_mb(lam['basis_budget_bytes'])} "
+             "left beside the kept graph" if lam["limited_by"] else f"at most {lam['max_iter']} steps")
+    lines += ["", f"lambda_max by Lanczos (tol {lam['tol']:g}, float32 products, basis stored in float32, {limit}): "
+              f"{lam['value']:.6g}, interval [{lo:.6g}, {hi:.6g}] ({lam['error_kind']}: lower side certified, upper "
+              f"side failing with probability {lam['failure_probability']:g}, float32 rounding measured at "
+              f"{lam['rounding']:.2g}), relative width {width:.2g}; {lam['steps']} steps, {lam['hvps']} HVPs "
+              f"(with the rounding measurement's), {_s(lam['seconds'])}. Estimates, not bounds: residual "
+              f"{lam['residual']:.2g}, Kato-Temple "
+              f"{'not estimated (gap not resolved)' if lam['kato_temple'] is None else format(lam['kato_temple'], '.2g')}."]
     floor = min(m["fresh_ratio"] for m in s["modes"].values())
     if min(best, floor) < 1.5:  # below every mode's flop count: the gradient's time was disturbed
         lines += ["", f"- HVP <= 3 gradients: **not established** (a ratio of {min(best, floor):.2f} is below what any "
@@ -219,6 +225,8 @@ def scale(result: dict) -> str:
                   "quiet machine)."]
     else:
         lines += ["", _goal("HVP <= 3 gradients", best <= 3, f"best mode {best:.2f}")]
+    lines.append(_goal(f"lambda_max to {lam['tol']:g} (guaranteed interval)", lam["converged"],
+                       f"relative width {width:.2g} after {lam['steps']} steps"))
     return "\n".join(lines)
 
 

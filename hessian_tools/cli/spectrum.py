@@ -9,6 +9,8 @@ interval is within tol * |theta| or at the rounding floor. Power iteration finds
 eigenvalues; its upper side tightens slowly.
 """
 
+import math
+
 from hessian_tools.cli.common import positive_float, positive_int, probability
 from hessian_tools.cli.measure_common import add_measure_flags
 
@@ -28,6 +30,12 @@ def add_parser(subparsers, name):
                    help="allowed probability that the uncertified side fails (default 1e-3)")
     g.add_argument("--max-iter", type=positive_int, default=None,
                    help="HVP limit (default: lanczos min(n, 100 + 10 k); power 1000 per eigenvalue)")
+    g.add_argument("--basis-dtype", choices=("float64", "float32"), default=None,
+                   help="storage of the Lanczos basis (default float64; float32 halves its memory, the arithmetic "
+                        "stays float64 and the intervals include the storage's rounding)")
+    g.add_argument("--basis-budget", type=positive_int, default=None, metavar="BYTES",
+                   help="bytes the Lanczos basis may take: max-iter is lowered to fit (an unconverged answer with "
+                        "its interval instead of running out of memory)")
     add_measure_flags(p)
     p.set_defaults(run=run)
 
@@ -36,10 +44,14 @@ def estimator(args):
     """op -> Estimate for the flags (a partial of lanczos or power_iteration)."""
     import functools
 
+    import torch
+
     from hessian_tools.errors import UserError
     from hessian_tools.estimators import lanczos, power_iteration
 
     if args.method == "power":
+        if args.basis_dtype or args.basis_budget:
+            raise UserError("--basis-dtype and --basis-budget size the Lanczos basis: use them with --method lanczos")
         if args.which not in (None, "magnitude"):
             raise UserError(f"--method power finds the largest-magnitude eigenvalues only; use --which magnitude "
                             f"or --method lanczos for --which {args.which}")
@@ -47,15 +59,24 @@ def estimator(args):
         return functools.partial(power_iteration, k=args.k, tol=args.tol, seed=args.seed,
                                  failure_probability=args.failure_probability, **limit)
     return functools.partial(lanczos, k=args.k, which=args.which or "largest", tol=args.tol, max_iter=args.max_iter,
-                             seed=args.seed, failure_probability=args.failure_probability)
+                             seed=args.seed, failure_probability=args.failure_probability,
+                             basis_dtype=getattr(torch, args.basis_dtype or "float64"), basis_budget=args.basis_budget)
 
 
 def basis_vectors(args):
-    """n -> the float64 vectors the estimator keeps: Lanczos' basis (grown in blocks of 16), power's k + 2."""
+    """n -> the float64 vectors' worth of memory the estimator keeps: Lanczos' basis (grown in blocks of up to
+    16; a float32 vector counts half, at most --basis-budget in all), power's k + 2."""
     if args.method == "power":
         return lambda n: args.k + 2
     wanted = args.k * (2 if args.which == "both" else 1)
-    return lambda n: min(n, args.max_iter or 100 + 10 * wanted) + 16
+    width = 0.5 if args.basis_dtype == "float32" else 1.0
+
+    def vectors(n):
+        kept = min(n, args.max_iter or 100 + 10 * wanted) * width
+        if args.basis_budget is not None:
+            kept = min(kept, args.basis_budget / (8 * max(n, 1)))
+        return math.ceil(kept) + 16
+    return vectors
 
 
 def table(record) -> list[str]:

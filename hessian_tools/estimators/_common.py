@@ -83,6 +83,13 @@ def gaussian(op, gen: torch.Generator, device=None) -> torch.Tensor:
     return local(op, torch.randn(dimension(op), generator=gen, dtype=FLOAT)).to(device or device_of(op))
 
 
+def stored_length(op) -> int:
+    """Entries a rank stores per vector: n, or for a sharded op the largest rank's local_n (the same on every rank,
+    so that budgets sized by it give every rank the same iteration)."""
+    shard = getattr(op, "shard", None)
+    return dimension(op) if shard is None else shard.largest_local_n
+
+
 def local(op, x: torch.Tensor) -> torch.Tensor:
     """The rows of x (length n along dim 0) that this rank holds: x itself unless op is sharded."""
     shard = getattr(op, "shard", None)

@@ -120,10 +120,11 @@ class _Ends:
         b, block, log_beta, start_norm = basis.last_block()
         earlier = basis.blocks_before(b)
         sigma = sigma0 if b == 0 else 1.0
-        floor = start_floor(delta_each, sigma, start_norm)
+        floor = start_floor(delta_each, sigma, start_norm) - basis.start_roundings[b]  # |u.q_stored| >= this
         for end in ends:
             sign = 1.0 if end == "top" else -1.0
-            extreme = float(np.max(sign * block)) + polynomial_bound(sign * block, log_beta, floor)
+            extreme = float(np.max(sign * block)) + (polynomial_bound(sign * block, log_beta, floor) if floor > 0
+                                                     else math.inf)
             if earlier is not None:
                 extreme = max(extreme, max(sign * earlier[0], sign * earlier[1]))
             self.probable[end] = sign * (extreme + self.upper_slack)
@@ -193,7 +194,8 @@ def _cluster(a: dict, end: str, width: float) -> dict:
 
 def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter: int | None = None,
             seed: int = 0, v0=None, return_vectors: bool = False, failure_probability: float = 1e-3,
-            rounding: float | None = None) -> Estimate:
+            rounding: float | None = None, basis_dtype: torch.dtype = torch.float64,
+            basis_budget: int | None = None) -> Estimate:
     """k extreme eigenvalues of the symmetric operator `op` (shape (n, n)) by Lanczos, with intervals.
 
     which: "largest" / "smallest" (k algebraically largest / smallest), "both" (k of each end),
@@ -210,7 +212,11 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     intervals (per wanted eigenvalue), clusters, kato_temple (an estimate), ritz_values, lambda_max_lower_bound,
     lambda_min_upper_bound (certified), lambda_max_upper_bound / lambda_min_lower_bound (probabilistic, where
     computed), rounding, limited_by_rounding, steps, breakdowns. return_vectors=True puts the (n, #wanted) Ritz
-    vectors in `vectors`. Memory: 8 n (steps + 1) bytes of float64 basis.
+    vectors in `vectors`. Memory: 8 n (steps + 1) bytes of basis, 4 n (steps + 1) with basis_dtype=float32 (the
+    arithmetic stays float64; `krylov` for what the float32 storage costs in accuracy: about m eps32 ||T||).
+    basis_budget: bytes the basis may take; max_iter is lowered to fit it (settings["max_iter"], and
+    settings["max_iter_limited_by"] = "basis_budget"), so a large model stops unconverged instead of running out of
+    memory; for a sharded op, the bytes each rank's rows of the basis may take (sized by the largest rank's).
     """
     n = c.dimension(op)
     if which not in WHICH:
@@ -226,10 +232,21 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
         raise UserError(f"rounding={rounding!r} must be a non-negative number (relative product rounding)")
     n_wanted = min(2 * k, n) if which == "both" else k
     max_iter = min(n, 100 + 10 * n_wanted) if max_iter is None else min(n, c.positive_int("max_iter", max_iter))
+    if basis_dtype not in (torch.float64, torch.float32):
+        raise UserError(f"basis_dtype={basis_dtype!r} must be torch.float64 or torch.float32")
+    limited_by = None
+    if basis_budget is not None:
+        per_vector = basis_dtype.itemsize * c.stored_length(op)
+        fits = int(c.positive_float("basis_budget", basis_budget) // per_vector) - 1
+        if fits < max_iter:
+            max_iter, limited_by = fits, "basis_budget"
     if max_iter < n_wanted:
-        raise UserError(f"max_iter={max_iter} is below the {n_wanted} eigenvalues wanted; raise max_iter")
+        raise UserError(f"max_iter={max_iter} is below the {n_wanted} eigenvalues wanted; raise "
+                        f"{'basis_budget (or store the basis in float32)' if limited_by else 'max_iter'}")
     gen = c.generator(seed)
-    settings = {"method": "lanczos", "k": k, "which": which, "tol": tol, "max_iter": max_iter, "seed": seed,
+    settings = {"method": "lanczos", "k": k, "which": which, "tol": tol, "max_iter": max_iter,
+                "max_iter_limited_by": limited_by, "basis_dtype": str(basis_dtype).removeprefix("torch."),
+                "basis_budget_bytes": basis_budget, "seed": seed,
                 "failure_probability": delta, "warm_start": v0 is not None,
                 "warm_start_noise": WARM_START_NOISE if v0 is not None else None,
                 "reorthogonalization": "full, classical Gram-Schmidt twice", "operator": c.operator_settings(op)}
@@ -239,7 +256,7 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     try:
         if rounding is None:
             rounding, extra = measured_rounding(op, gen)
-        basis = KrylovBasis(op, s, max_iter, gen, rounding or 0.0)
+        basis = KrylovBasis(op, s, max_iter, gen, rounding or 0.0, storage=basis_dtype)
         a = None
         while basis.m < max_iter and not basis.exhausted:
             basis.step()
@@ -287,14 +304,16 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
 
 
 def spectral_norm(op, tol: float = 1e-6, max_iter: int | None = None, seed: int = 0, v0=None,
-                  failure_probability: float = 1e-3, rounding: float | None = None) -> Estimate:
+                  failure_probability: float = 1e-3, rounding: float | None = None,
+                  basis_dtype: torch.dtype = torch.float64, basis_budget: int | None = None) -> Estimate:
     """||H||_2 = max(|lambda_max|, |lambda_min|) by Lanczos with which="magnitude" (H may be indefinite).
 
     value = |theta| of the largest-magnitude Ritz value; interval and error as lanczos's (for ||H||_2: the lower
     side certified by interlacing, the upper probabilistic); payload: lanczos's plus signed_eigenvalue.
     """
     est = lanczos(op, k=1, which="magnitude", tol=tol, max_iter=max_iter, seed=seed, v0=v0,
-                  failure_probability=failure_probability, rounding=rounding)
+                  failure_probability=failure_probability, rounding=rounding, basis_dtype=basis_dtype,
+                  basis_budget=basis_budget)
     if est.status != "ok":
         return Estimate("spectral_norm", None, None, "none", False, est.hvp_count, est.wall_time_s, est.settings,
                         status=est.status)
