@@ -82,5 +82,9 @@ def measured_rounding(op, gen: torch.Generator) -> tuple[float | None, int]:
     for _ in range(ROUNDING_PROBES):
         v = c.gaussian(op, gen)
         exact = c.matvec(twin, v)
-        worst = max(worst, c.norm(op, c.matvec(op, v) - exact) / c.norm(op, exact))
+        error, size = c.norm(op, c.matvec(op, v) - exact), c.norm(op, exact)
+        if size > 0:
+            worst = max(worst, error / size)
+        elif error > 0:  # H v = 0 in float64 but not in float32: the rounding is unbounded
+            worst = math.inf
     return ROUNDING_SAFETY * worst, ROUNDING_PROBES
