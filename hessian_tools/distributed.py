@@ -10,10 +10,12 @@ Batches are dealt round-robin (rank r gets batches r, r + P, ...). The all-reduc
 GPU) returns the same bits on every rank, so an estimator run with the same seed on every rank performs
 the identical Krylov iteration; no broadcast is needed. Run it under `torchrun` after `init_distributed()`.
 
-`DistributedBlockOperator` is the same for operators that are block diagonal over batches (activation space):
-each rank owns the blocks of its batches (their graphs and products), and an all-reduce of the disjoint blocks
-assembles H v. Krylov vectors are replicated on every rank (n float64 each): sharding them needs the
-estimators to take their inner products from the operator, which they do not yet.
+`ShardedBlockOperator` is for operators that are block diagonal over batches (activation space): each rank owns
+the blocks of its batches (their graphs, their products) and the same rows of every vector, so products need no
+communication and the Krylov vectors are sharded: each rank keeps local_n ~ n / P entries of each. The estimators
+all-reduce only the partial sums of inner products and norms, and draw random vectors at full length from the
+same generator before keeping their own rows (hessian_tools.estimators._common), so a sharded run follows the
+single-process iteration to rounding.
 """
 
 from __future__ import annotations
@@ -95,39 +97,74 @@ class DistributedOperator:
                 "total_weight": self.total_weight, "rank_batches": self.mine}
 
 
-class DistributedBlockOperator(DistributedOperator):
-    """A block-diagonal operator over `batches` (e.g. ActivationHessian), each rank owning its batches' blocks.
+class Shard:
+    """This rank's rows of a length-n vector: the spans (offset, size) of the whole vector it owns, in order; its
+    local vector is their concatenation (local_n entries). The communication of sharded estimators goes through
+    here: `sum` (all-reduce of partial sums), `gather` (all-gather of a small tensor), `whole` (a full vector)."""
 
-    The flat vector concatenates every batch's block in the order of `batches` (as the single-process operator
-    does). Rank r holds make_op(batches r, r + P, ...); its blocks are weighted among themselves by the local
-    operator (w_b = m_b / W_r), so they are scaled by W_r / W to weight them within the union. matvec: each rank
-    multiplies its blocks, writes them at their offsets into a zero vector, and an all-reduce (sum) of those
-    disjoint pieces gives H v on every rank. Cost per product: one HVP per local batch and an all-reduce of n
-    float64.
+    def __init__(self, spans: list[tuple[int, int]], n: int, largest_local_n: int, group=None):
+        self.spans, self.n, self.largest_local_n, self.group = spans, n, largest_local_n, group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.local_n = sum(size for _, size in spans)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of x (length n along dim 0) on this rank, concatenated."""
+        return torch.cat([x[off: off + size] for off, size in self.spans])
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks (an all-reduce of t.numel() entries; the same bits on every rank)."""
+        t = t.contiguous().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(world_size, *t.shape): every rank's t (same shape on every rank), in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The full length-n vector from every rank's shard x: an all-reduce of n entries, for one-off use."""
+        out = torch.zeros(self.n, dtype=x.dtype, device=x.device)
+        at = 0
+        for off, size in self.spans:
+            out[off: off + size] = x[at: at + size]
+            at += size
+        return self.sum(out)
+
+
+class ShardedBlockOperator(DistributedOperator):
+    """A block-diagonal operator over `batches` (e.g. ActivationHessian), each rank owning its batches' blocks
+    and the same rows of every vector.
+
+    The whole vector concatenates every batch's block in the order of `batches` (as the single-process operator
+    does); shape is (n, n) for that n. Rank r holds make_op(batches r, r + P, ...) and its rows `shard` (a Shard:
+    those batches' blocks, local_n entries). matvec / matmat take and return this rank's rows only: H is block
+    diagonal, so (H v)_r = (W_r / W) H_r v_r, with H_r the local operator (its blocks weighted among themselves,
+    w_b = m_b / W_r) and W_r / W its share of the union. Products communicate nothing; the estimators all-reduce
+    only scalars and coefficient vectors (hessian_tools.estimators._common). Cost per product: one HVP per local
+    batch.
     """
 
     def __init__(self, make_op: Callable[[list], object], batches: Sequence, group=None):
         super().__init__(make_op, batches, group)
+        blocks = getattr(getattr(self.local, "space", None), "blocks", None)
+        if blocks is None:
+            raise UserError("the operator from make_op has no space.blocks: shard a block-diagonal operator over "
+                            "batches (ActivationHessian)")
         every: list = [None] * self.world_size
-        dist.all_gather_object(every, [(b, size) for b, (_, size) in zip(self.mine, self.local.space.blocks)],
-                               group=group)
+        dist.all_gather_object(every, [(b, size) for b, (_, size) in zip(self.mine, blocks)], group=group)
         size_of = dict(pair for part in every for pair in part)
         offsets = [0]
         for b in range(len(size_of)):
             offsets.append(offsets[-1] + size_of[b])
-        self._global = [(offsets[b], size_of[b]) for b in self.mine]
+        largest = max(sum(size for _, size in part) for part in every)
+        self.shard = Shard([(offsets[b], size_of[b]) for b in self.mine], offsets[-1], largest, group)
         self.shape = (offsets[-1], offsets[-1])
 
     def _apply(self, V: torch.Tensor, product) -> torch.Tensor:
-        V = V.to(device=self.device, dtype=torch.float64)
-        local = product(torch.cat([V[off: off + size] for off, size in self._global]))
-        out = torch.zeros_like(V)
-        at = 0
-        for off, size in self._global:
-            out[off: off + size] = local[at: at + size] * self._share
-            at += size
-        dist.all_reduce(out, group=self.group)
-        return out
+        """This rank's rows of H V from its rows of V ((local_n,) or (local_n, k)), float64, no communication."""
+        return product(V).to(torch.float64) * self._share
 
     def settings(self) -> dict:
-        return {**super().settings(), "n": self.shape[0], "local_n": self.local.shape[0]}
+        return {**super().settings(), "n": self.shape[0], "local_n": self.shard.local_n, "sharded": True}

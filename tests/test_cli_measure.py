@@ -230,6 +230,7 @@ def test_spectrum_with_a_float32_basis_in_a_budget(ckpt_dir, dense_params, capsy
     (["spectrum", "{ckpt}", "--site", SITE, "--params", "wq"], "--params selects parameters"),
     (["spectrum", "{ckpt}", "--distributed", "--data-spread", "8"], "do not run under --distributed"),
     (["spectrum", "{ckpt}", "--distributed", "--sample-size-curve"], "do not run under --distributed"),
+    (["spectrum", "{ckpt}", "--site", SITE, "--scale-free", "--distributed"], "--scale-free does not run under"),
     (["spectrum", "{ckpt}", "--data-spread", "2"], "--data-spread must be an integer >= 8, got 2"),
     (["spectrum", "{ckpt}", "--batches", "12", "--data-spread", "8"], "not a multiple of --data-spread 8"),
     (["trace", "{ckpt}", "--batches", "0"], "--batches must be a positive integer"),
@@ -265,9 +266,11 @@ def free_port():
 
 
 @pytest.mark.distributed
-def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
-    # 3 batches over 2 ranks: uneven shares, so the weighting of the all-reduce must be exact
-    argv = ["spectrum", str(ckpt_dir), "--params", PARAMS, "--tol", "1e-10", "--which", "both", "--json",
+@pytest.mark.parametrize("space", [["--params", PARAMS], ["--site", SITE]], ids=["params", "activation-sharded"])
+def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys, space):
+    # 3 batches over 2 ranks: uneven shares, so the weighting of the all-reduce (params) or of the shards
+    # (activations: rank 0 holds 2 batches' blocks, rank 1 one) must be exact
+    argv = ["spectrum", str(ckpt_dir), *space, "--tol", "1e-10", "--which", "both", "--json",
             "--batches", "3", "--batch-size", "2", "--seed", "3", *EXACT]
     single, _ = run_json(capsys, *argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -281,6 +284,30 @@ def test_spectrum_under_torchrun_matches_single_process(ckpt_dir, capsys):
     assert dist["provenance"]["world_size"] == 2 and dist["settings"]["operator"]["world_size"] == 2
     np.testing.assert_allclose(dist["payload"]["eigenvalues"], single["payload"]["eigenvalues"], rtol=1e-8)
     assert dist["settings"]["operator"]["total_weight"] == 3 * 2 * 8
+    if space[0] == "--site":  # rank 0 (which prints) keeps 2 of the 3 batches' rows of every Krylov vector
+        assert dist["settings"]["operator"]["sharded"] and dist["settings"]["operator"]["n"] == 3 * 2 * 8 * 16
+        assert dist["settings"]["operator"]["local_n"] == 2 * 2 * 8 * 16
+
+
+@pytest.mark.parametrize("world, batches, share", [(1, 3, 3), (2, 3, 2)])
+def test_the_memory_check_counts_the_largest_ranks_share_of_sharded_vectors_and_graphs(ckpt_dir, monkeypatch, world,
+                                                                                      batches, share):
+    from hessian_tools import footprint
+    from hessian_tools.cli import build_parser
+    from hessian_tools.cli.common import open_from_args
+    from hessian_tools.cli.measure_common import check_memory
+
+    args = build_parser().parse_args(["spectrum", str(ckpt_dir), "--site", SITE, "--batches", str(batches),
+                                      "--batch-size", "2", *(["--distributed"] if world > 1 else [])])
+    args.space = "activation"  # what the flag checks set for --site
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    seen = {}
+    monkeypatch.setattr(footprint, "require_memory", lambda parts, what, device: seen.update(parts, what=what))
+    check_memory(args, open_from_args(args), lambda n: 3)
+    rows = share * 2 * 8  # rank 0 holds ceil(batches / world) batches of 2 x 8 tokens
+    assert seen["float64 vectors"] == footprint.krylov_bytes(rows * 16, 3)
+    assert seen["kept graphs"] == share * footprint.graph_bytes(open_from_args(args).config, 2, 8, 4)
+    assert f"on {share} batches{' per rank' if world > 1 else ''} of 2 x 8 tokens" in seen["what"]
 
 
 def test_the_printed_promise_says_what_a_float32_interval_rests_on(ckpt_dir, capsys):

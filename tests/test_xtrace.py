@@ -24,7 +24,7 @@ def naive_leave_one_out(A, n_matvecs, seed, distribution):
     """t_i with Q_i = orth(A Omega without column i) by its own QR, and the i-th probe projected off Q_i."""
     A = torch.as_tensor(A)
     s = n_matvecs // 2
-    Omega = c.probes(c.generator(seed), A.shape[0], s, distribution, "cpu")
+    Omega = c.probes(DenseOperator(A), c.generator(seed), s, distribution)
     Y = A @ Omega
     out = []
     for i in range(s):

@@ -216,6 +216,9 @@ def _check_flags(args):
     groups = getattr(args, "data_spread", None)
     if args.distributed and (groups is not None or getattr(args, "sample_size_curve", False)):
         raise UserError("--data-spread and --sample-size-curve do not run under --distributed; drop one of them")
+    if args.distributed and args.scale_free:
+        raise UserError("--scale-free does not run under --distributed (each rank would scale by its own batches' "
+                        "mean square); drop one of them")
     if args.distributed:
         require_torchrun()
     if groups is not None and args.batches % groups:
@@ -225,13 +228,17 @@ def _check_flags(args):
 
 def check_memory(args, ckpt, basis_vectors):
     """UserError (hessian_tools.footprint) when the model copy, the kept graphs and the estimator's float64
-    vectors (`basis_vectors(n)` of them, n = the operator's size) cannot fit in the available memory; checked
-    before the batches are drawn."""
+    vectors (`basis_vectors(n)` of them, n = the operator's size, or this rank's rows of it for sharded activation
+    vectors) cannot fit in the available memory; checked before the batches are drawn. Under --distributed each
+    rank is checked for its share of the batches (rank 0's, the largest)."""
     import re
+
+    import torch.distributed as dist
 
     from hessian_tools.footprint import graph_bytes, krylov_bytes, model_bytes, require_memory
 
-    config, n_batches = ckpt.config, args.batches
+    world = dist.get_world_size() if args.distributed else 1
+    config, n_batches = ckpt.config, -(-args.batches // world)
     rows, seq_len = args.batch_size, ckpt.measurement_seq_len(args.measure_seq_len)
     width = 8 if args.dtype == "float64" else 4
     if args.space == "activation":
@@ -246,8 +253,10 @@ def check_memory(args, ckpt, basis_vectors):
     parts = {"model copy": model_bytes(config, width),
              "kept graphs": graphs if args.memory_budget is None else min(graphs, args.memory_budget),
              "float64 vectors": krylov_bytes(n, basis_vectors(n))}
-    require_memory(parts, f"{args.command} on {n_batches} batches of {rows} x {seq_len} tokens (operator size "
-                   f"{n:,})", next(ckpt.model.parameters()).device)
+    per_rank = " per rank" if world > 1 else ""
+    sharded = per_rank if args.space == "activation" else ""
+    require_memory(parts, f"{args.command} on {n_batches} batches{per_rank} of {rows} x {seq_len} tokens (operator "
+                   f"size {n:,}{sharded})", next(ckpt.model.parameters()).device)
 
 
 def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
@@ -275,9 +284,9 @@ def prepare(args, basis_vectors=lambda n: 3) -> Measurement:
     batches = ckpt.measurement_batches(args.batches, args.batch_size, args.measure_seq_len, seed=args.seed)
     make_op = operator_factory(args, ckpt)
     if args.distributed:
-        from hessian_tools.distributed import DistributedBlockOperator, DistributedOperator
+        from hessian_tools.distributed import DistributedOperator, ShardedBlockOperator
 
-        op = (DistributedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
+        op = (ShardedBlockOperator if args.space == "activation" else DistributedOperator)(make_op, batches)
         local = op.local
     else:
         op = local = make_op(batches)

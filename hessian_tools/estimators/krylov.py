@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from hessian_tools.estimators._common import FLOAT, matvec
+from hessian_tools.estimators._common import FLOAT, dimension, dot, gaussian, matvec, norm, summed
 
 BREAKDOWN_RTOL = 1e-12  # beta below this times ||T|| counts as an invariant subspace
 BLOCK = 16  # basis vectors are stored in blocks of at most this many rows: growth never copies the basis
@@ -45,12 +45,15 @@ class KrylovBasis:
 
     The basis lives in (rows, n) blocks of dtype `storage` (float64 or float32) on v0's device, one contiguous
     row per vector, rows = min(BLOCK, BLOCK_BYTES // (itemsize n)) or 1, so memory grows with the steps taken
-    (one block at a time) and is never copied.
+    (one block at a time) and is never copied. n is the length of the stored vectors: the operator's dimension
+    `dim`, or this rank's local_n for a sharded operator (`_common`), whose inner products and norms are
+    all-reduced.
     """
 
     def __init__(self, op, v0: torch.Tensor, max_steps: int, gen: torch.Generator | None = None,
                  rounding: float = 0.0, storage: torch.dtype = FLOAT):
         self.op, self.n, self.max_steps, self.gen, self.rounding = op, v0.numel(), max_steps, gen, rounding
+        self.dim = dimension(op)
         self.storage = storage
         self.rows = max(1, min(BLOCK, BLOCK_BYTES // (storage.itemsize * self.n)))
         self.blocks: list[torch.Tensor] = []
@@ -59,11 +62,11 @@ class KrylovBasis:
         self.defects: list[float] = []  # column errors without the products' rounding (module docstring)
         self.product_norms: list[float] = []  # ||H q_j||, which the rounding bound multiplies
         self.block_starts = [0]
-        self.start_norms = [float(torch.linalg.vector_norm(v0))]  # ||v0||, then each restart's ||P g||
+        self.start_norms = [norm(op, v0)]  # ||v0||, then each restart's ||P g||
         self.breakdowns = 0
         self.exhausted = False
         v = v0.to(FLOAT)
-        self.start_roundings = [self._store(0, v / torch.linalg.vector_norm(v))]  # ||stored - exact|| per block start
+        self.start_roundings = [self._store(0, v / norm(op, v))]  # ||stored - exact|| per block start
 
     @property
     def m(self) -> int:
@@ -93,8 +96,9 @@ class KrylovBasis:
         row.copy_(v)
         if self.storage == FLOAT:
             return 0.0
-        return math.sqrt(sum(float(torch.linalg.vector_norm(row[s: s + CHUNK].to(FLOAT) - v[s: s + CHUNK])) ** 2
-                             for s in range(0, self.n, CHUNK)))
+        squares = sum(float(torch.linalg.vector_norm(row[s: s + CHUNK].to(FLOAT) - v[s: s + CHUNK])) ** 2
+                      for s in range(0, self.n, CHUNK))
+        return math.sqrt(float(summed(self.op, torch.tensor(squares, dtype=FLOAT, device=v.device))))
 
     def _vector(self, j: int) -> torch.Tensor:
         b, i = divmod(j, self.rows)
@@ -131,7 +135,7 @@ class KrylovBasis:
         basis = self._basis()
         removed = torch.zeros(self.m, dtype=FLOAT, device=w.device)
         for _ in range(2):
-            coefficients = [self._coefficients(blk, w) for blk in basis]
+            coefficients = summed(self.op, [self._coefficients(blk, w) for blk in basis])
             for b, (blk, h) in enumerate(zip(basis, coefficients)):
                 w = self._subtract(w, blk, h)
                 removed[b * self.rows: b * self.rows + h.numel()] += h
@@ -142,29 +146,29 @@ class KrylovBasis:
         j = self.m
         q = self._vector(j)
         w = matvec(self.op, q)
-        self.alpha.append(float(q @ w))
-        product_norm = float(torch.linalg.vector_norm(w))
+        self.alpha.append(dot(self.op, q, w))
+        product_norm = norm(self.op, w)
         w, removed = self._orthogonalise(w)
         removed[j] -= self.alpha[j]
         if j > self.block_starts[-1]:
             removed[j - 1] -= self.beta[j - 1]
         self.defects.append(float(torch.linalg.vector_norm(removed)))
         self.product_norms.append(product_norm)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = norm(self.op, w)
         scale = max(max(abs(a) for a in self.alpha), max(self.beta, default=0.0))
-        if beta > BREAKDOWN_RTOL * scale and self.m < self.n:
+        if beta > BREAKDOWN_RTOL * scale and self.m < self.dim:
             self.beta.append(beta)
             self.defects[j] += beta * self._store(j + 1, w.div_(beta))  # H q_j - Q T e_j keeps its rounding
             return
         self.defects[j] += beta  # dropped: H q_j - Q T e_j keeps it
         self.beta.append(0.0)
-        if self.m >= self.n or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
+        if self.m >= self.dim or self.gen is None:  # the basis spans the whole space (T_n is exact), or no restart
             self.exhausted = True
             return
         self.breakdowns += 1
-        fresh, _ = self._orthogonalise(torch.randn(self.n, generator=self.gen, dtype=FLOAT).to(q.device))
+        fresh, _ = self._orthogonalise(gaussian(self.op, self.gen, q.device))
         self.block_starts.append(j + 1)
-        self.start_norms.append(float(torch.linalg.vector_norm(fresh)))
+        self.start_norms.append(norm(self.op, fresh))
         self.start_roundings.append(self._store(j + 1, fresh / self.start_norms[-1]))
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,7 +205,7 @@ class KrylovBasis:
         return float(theta[0]), float(theta[-1])
 
     def ritz_vectors(self, S_cols: np.ndarray) -> torch.Tensor:
-        """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors."""
+        """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors (this rank's rows for a sharded operator)."""
         S_t = torch.as_tensor(S_cols, dtype=FLOAT, device=self.blocks[0].device)
         return sum(self._combination(blk, S_t[b * self.rows: b * self.rows + blk.shape[0]])
                    for b, blk in enumerate(self._basis()))

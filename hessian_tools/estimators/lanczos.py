@@ -81,21 +81,26 @@ def _kato_temple(theta: np.ndarray, residuals: np.ndarray, i: int, floor: float)
     return float(residuals[i] ** 2 / gap + floor), gap
 
 
-def _start_vector(n: int, v0, seed: int, gen: torch.Generator, device) -> tuple[torch.Tensor, float]:
-    """(start s, sigma: the standard deviation of its Gaussian part); see the module docstring."""
+def _start_vector(op, v0, seed: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """(start s, sigma: the standard deviation of its Gaussian part); see the module docstring. For a sharded op,
+    s is this rank's rows, v0 is made whole first (`_common.whole`) so that every rank hashes the same vector."""
+    n, device = c.dimension(op), c.device_of(op)
     if v0 is None:
-        return torch.randn(n, generator=gen, dtype=c.FLOAT).to(device), 1.0
-    v0 = torch.as_tensor(v0)
+        return c.gaussian(op, gen), 1.0
+    v0 = c.whole(op, torch.as_tensor(v0).to(device=device))
     if v0.ndim != 1 or v0.numel() != n:
-        raise UserError(f"v0 has shape {tuple(v0.shape)}, expected ({n},): pass a flat vector of the operator's size")
-    v0 = v0.to(device=device, dtype=c.FLOAT)
+        shard = getattr(op, "shard", None)
+        also = f" or this rank's shard ({shard.local_n},)" if shard is not None else ""
+        raise UserError(f"v0 has shape {tuple(v0.shape)}, expected ({n},){also}: pass a flat vector of the "
+                        "operator's size")
+    v0 = v0.to(dtype=c.FLOAT)
     norm = float(torch.linalg.vector_norm(v0))
     if not bool(torch.isfinite(v0).all()) or norm == 0.0:
         raise UserError("v0 is zero or not finite: pass a non-zero start vector or v0=None")
     digest = hashlib.sha256(v0.detach().cpu().numpy().tobytes() + str(seed).encode()).digest()
-    noise = torch.randn(n, generator=c.generator(int.from_bytes(digest[:7], "little")), dtype=c.FLOAT).to(device)
+    noise = c.gaussian(op, c.generator(int.from_bytes(digest[:7], "little")))
     sigma = WARM_START_NOISE / math.sqrt(n)
-    return v0 / norm + sigma * noise, sigma
+    return c.local(op, v0) / norm + sigma * noise, sigma
 
 
 class _Ends:
@@ -197,6 +202,8 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     "magnitude" (k largest |lambda|). Stops when converged (module docstring: the error is within tol * |theta|,
     or at the rounding floor) or after max_iter steps (default min(n, 100 + 10 k), capped at n).
     v0: a warm start, always mixed with seeded Gaussian noise (module docstring); default a Gaussian from `seed`.
+    For a sharded op (`_common`) v0 is the whole vector (n,) or this rank's shard (local_n,), the same kind on
+    every rank (a shard is assembled once, an n-length all-reduce), and Ritz vectors come back as this rank's rows.
     failure_probability: the probability allowed to the uncertified side of every interval (split over both ends
     for "both" and "magnitude"). rounding: a bound on the operator's relative product rounding; default 0 for
     float64 operators, measured for float32 ones through op.with_dtype(float64): one float64 product of the first
@@ -210,7 +217,7 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
     arithmetic stays float64; `krylov` for what the float32 storage costs in accuracy: about m eps32 ||T||).
     basis_budget: bytes the basis may take; max_iter is lowered to fit it (settings["max_iter"], and
     settings["max_iter_limited_by"] = "basis_budget"), so a large model stops unconverged instead of running out of
-    memory.
+    memory; for a sharded op, the bytes each rank's rows of the basis may take (sized by the largest rank's).
     """
     n = c.dimension(op)
     if which not in WHICH:
@@ -230,14 +237,14 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
         raise UserError(f"basis_dtype={basis_dtype!r} must be torch.float64 or torch.float32")
     limited_by = None
     if basis_budget is not None:
-        fits = int(c.positive_float("basis_budget", basis_budget) // (basis_dtype.itemsize * n)) - 1
+        per_vector = basis_dtype.itemsize * c.stored_length(op)
+        fits = int(c.positive_float("basis_budget", basis_budget) // per_vector) - 1
         if fits < max_iter:
             max_iter, limited_by = fits, "basis_budget"
     if max_iter < n_wanted:
         raise UserError(f"max_iter={max_iter} is below the {n_wanted} eigenvalues wanted; raise "
                         f"{'basis_budget (or store the basis in float32)' if limited_by else 'max_iter'}")
     gen = c.generator(seed)
-    device = c.device_of(op)
     settings = {"method": "lanczos", "k": k, "which": which, "tol": tol, "max_iter": max_iter,
                 "max_iter_limited_by": limited_by, "basis_dtype": str(basis_dtype).removeprefix("torch."),
                 "basis_budget_bytes": basis_budget, "seed": seed,
@@ -245,7 +252,7 @@ def lanczos(op, k: int = 1, which: str = "largest", tol: float = 1e-6, max_iter:
                 "warm_start_noise": WARM_START_NOISE if v0 is not None else None,
                 "reorthogonalization": "full, classical Gram-Schmidt twice", "operator": c.operator_settings(op)}
     start, hvp0, extra = time.perf_counter(), op.hvp_count, 0
-    s, sigma = _start_vector(n, v0, seed, gen, device)
+    s, sigma = _start_vector(op, v0, seed, gen)
     basis = None
     measure, stage = rounding is None, None
     try:

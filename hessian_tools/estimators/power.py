@@ -26,10 +26,10 @@ from hessian_tools.estimators.guarantees import start_floor
 from hessian_tools.records import Estimate
 
 
-def _deflate(v: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor:
+def _deflate(op, v: torch.Tensor, found: list[torch.Tensor]) -> torch.Tensor:
     for _ in range(2 if found else 0):
         for u in found:
-            v = v - (u @ v) * u
+            v = v - c.dot(op, u, v) * u
     return v
 
 
@@ -47,7 +47,8 @@ def power_iteration(op, k: int = 1, tol: float = 1e-6, max_iter: int = 1000, see
     converged when that error is within tol * |value| (rarely: see the module docstring). payload also holds
     eigenvalues (in the order found), residuals and residual_intervals (some eigenvalue within each; for later
     eigenvalues they carry the earlier vectors' errors too, which is why the stop uses the deflated residual),
-    iterations, certified_side, failure_probability.
+    iterations, certified_side, failure_probability. return_vectors=True puts the (n, k) unit eigenvector estimates
+    in `vectors` (this rank's rows for a sharded op, `_common`).
     """
     n = c.dimension(op)
     k = c.positive_int("k", k)
@@ -58,30 +59,30 @@ def power_iteration(op, k: int = 1, tol: float = 1e-6, max_iter: int = 1000, see
     delta = c.positive_float("failure_probability", failure_probability)
     if delta >= 1:
         raise UserError(f"failure_probability={failure_probability!r} must lie in (0, 1)")
-    gen, device = c.generator(seed), c.device_of(op)
+    gen = c.generator(seed)
     settings = {"method": "power", "k": k, "which": "magnitude", "tol": tol, "max_iter": max_iter, "seed": seed,
                 "failure_probability": delta, "operator": c.operator_settings(op)}
     start, hvp0 = time.perf_counter(), op.hvp_count
     values, residuals, iterations, found = [], [], [], []
     try:
         for _ in range(k):
-            v = _deflate(torch.randn(n, generator=gen, dtype=c.FLOAT).to(device), found)
+            v = _deflate(op, c.gaussian(op, gen), found)
             if not found:
-                floor = start_floor(delta, 1.0, float(torch.linalg.vector_norm(v)))
+                floor = start_floor(delta, 1.0, c.norm(op, v))
                 log_norms, largest = 0.0, 0.0
-            v = v / torch.linalg.vector_norm(v)
+            v = v / c.norm(op, v)
             for it in range(1, max_iter + 1):
                 w = c.matvec(op, v)
-                theta = float(v @ w)
-                res = float(torch.linalg.vector_norm(w - theta * v))
+                theta = c.dot(op, v, w)
+                res = c.norm(op, w - theta * v)
                 if not found:
-                    rho = float(torch.linalg.vector_norm(w))
+                    rho = c.norm(op, w)
                     log_norms, largest = log_norms + math.log(rho), max(largest, rho)
-                w = _deflate(w, found)
-                deflated_res = float(torch.linalg.vector_norm(w - theta * v))
+                w = _deflate(op, w, found)
+                deflated_res = c.norm(op, w - theta * v)
                 if deflated_res <= tol * abs(theta) or it == max_iter:
                     break
-                v = w / torch.linalg.vector_norm(w)
+                v = w / c.norm(op, w)
             if not found:
                 upper = math.exp((log_norms - math.log(floor)) / it)
             values.append(theta)

@@ -59,14 +59,14 @@ def slq_density(op, n_probes: int = 10, n_iter: int = 80, grid=None, width: floa
     grid = _check_grid(grid)
     if width is not None:
         width = c.positive_float("width", width)
-    gen, device = c.generator(seed), c.device_of(op)
+    gen = c.generator(seed)
     settings = {"method": "slq", "n_probes": n_probes, "n_iter": n_iter, "grid": list(grid) if grid else None,
                 "width": width, "seed": seed, "distribution": "rademacher", "operator": c.operator_settings(op)}
     start, hvp0 = time.perf_counter(), op.hvp_count
     nodes, weights = [], []
     try:
         for _ in range(n_probes):
-            basis = KrylovBasis(op, c.probes(gen, n, 1, "rademacher", device)[:, 0], n_iter)
+            basis = KrylovBasis(op, c.probes(op, gen, 1, "rademacher")[:, 0], n_iter)
             while basis.m < n_iter and not basis.exhausted:
                 basis.step()
             theta, S, _ = basis.ritz()

@@ -3,7 +3,7 @@ XTrace with the paper's error estimate (not a standard error; see xtrace_trace).
 
 Probes z have E[z z^T] = I, so z^T H z is an unbiased sample of tr(H); the standard error is the sample
 standard deviation (ddof=1) over sqrt(#samples). Probes come in blocks of `block_size` through op.matmat;
-the seed and block size fix them.
+the seed and block size fix them. A sharded operator (`_common`) gets the same probes, cut to each rank's rows.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def hutchinson_trace(op, n_samples: int = 100, seed: int = 0, target_std_error: 
         target_std_error = c.positive_float("target_std_error", target_std_error)
     max_samples = 10 * n_samples if max_samples is None else c.positive_int("max_samples", max_samples, low=2)
     limit = n_samples if target_std_error is None else max_samples
-    gen, device = c.generator(seed), c.device_of(op)
+    gen = c.generator(seed)
     settings = {"method": "hutchinson", "n_samples": n_samples, "target_std_error": target_std_error,
                 "max_samples": max_samples, "distribution": distribution, "block_size": block_size, "seed": seed,
                 "operator": c.operator_settings(op)}
@@ -46,8 +46,8 @@ def hutchinson_trace(op, n_samples: int = 100, seed: int = 0, target_std_error: 
     converged = target_std_error is None
     try:
         while len(samples) < limit:
-            Z = c.probes(gen, n, min(block_size, limit - len(samples)), distribution, device)
-            samples += (Z * c.matmat(op, Z)).sum(dim=0).tolist()
+            Z = c.probes(op, gen, min(block_size, limit - len(samples)), distribution)
+            samples += c.summed(op, (Z * c.matmat(op, Z)).sum(dim=0)).tolist()
             if target_std_error is not None and len(samples) >= MIN_SAMPLES_BEFORE_STOP:
                 if _std_error(samples) <= target_std_error:
                     converged = True
@@ -67,13 +67,13 @@ def _std_error(samples: list[float]) -> float:
 
 
 def _sketch_setup(op, method: str, n_matvecs, per_probe: int, seed: int, distribution: str):
-    """(n, s, generator, device, settings) of a sketching estimator spending per_probe products per probe:
+    """(s, generator, settings) of a sketching estimator spending per_probe products per probe:
     s = n_matvecs // per_probe >= 2 probes."""
-    n = c.dimension(op)
+    c.dimension(op)  # UserError unless op is square
     n_matvecs = c.positive_int("n_matvecs", n_matvecs, low=2 * per_probe)
     settings = {"method": method, "n_matvecs": n_matvecs, "distribution": distribution, "seed": seed,
                 "operator": c.operator_settings(op)}
-    return n, n_matvecs // per_probe, c.generator(seed), c.device_of(op), settings
+    return n_matvecs // per_probe, c.generator(seed), settings
 
 
 def hutchpp_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "rademacher") -> Estimate:
@@ -84,15 +84,15 @@ def hutchpp_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "
     term is exact). Returns an Estimate: value = trace, error = standard error; payload: low_rank_part,
     residual_part, residual_samples, rank.
     """
-    n, s, gen, device, settings = _sketch_setup(op, "hutch++", n_matvecs, 3, seed, distribution)
+    s, gen, settings = _sketch_setup(op, "hutch++", n_matvecs, 3, seed, distribution)
     start, hvp0 = time.perf_counter(), op.hvp_count
     try:
-        S = c.probes(gen, n, s, distribution, device)
-        G = c.probes(gen, n, s, distribution, device)
-        Q = torch.linalg.qr(c.matmat(op, S), mode="reduced").Q
-        low_rank = float(torch.trace(Q.T @ c.matmat(op, Q)))
-        G = G - Q @ (Q.T @ G)
-        samples = (G * c.matmat(op, G)).sum(dim=0)
+        S = c.probes(op, gen, s, distribution)
+        G = c.probes(op, gen, s, distribution)
+        Q = c.orthonormal_columns(op, c.matmat(op, S))
+        low_rank = float(c.summed(op, torch.trace(Q.T @ c.matmat(op, Q))))
+        G = G - Q @ c.summed(op, Q.T @ G)
+        samples = c.summed(op, (G * c.matmat(op, G)).sum(dim=0))
     except c.NonFiniteProduct as exc:
         return Estimate("trace", None, None, "standard-error", False, op.hvp_count - hvp0,
                         time.perf_counter() - start, settings, status=f"failed: {exc}")
@@ -125,34 +125,36 @@ def xtrace_trace(op, n_matvecs: int = 102, seed: int = 0, distribution: str = "r
     sketch_frobenius_share (||H Q||_F^2 over ||Y||_F^2 / s, an unbiased estimate of ||H||_F^2 = tr(H^2): the
     share of it the sketch holds, near 1 when the spectrum decays within s directions, about s / n when flat).
     """
-    n, s, gen, device, settings = _sketch_setup(op, "xtrace", n_matvecs, 2, seed, distribution)
+    s, gen, settings = _sketch_setup(op, "xtrace", n_matvecs, 2, seed, distribution)
     start, hvp0 = time.perf_counter(), op.hvp_count
     try:
-        Omega = c.probes(gen, n, s, distribution, device)
+        Omega = c.probes(op, gen, s, distribution)
         Y = c.matmat(op, Omega)
-        B, sigma, Vt = _range_basis(Y)
+        B, sigma, Vt = _range_basis(op, Y)
         rank = B.shape[1]
         Z = c.matmat(op, B) if rank else torch.zeros_like(B)
     except c.NonFiniteProduct as exc:
         return Estimate("trace", None, None, "estimate", False, op.hvp_count - hvp0,
                         time.perf_counter() - start, settings, status=f"failed: {exc}")
-    loo = _xtrace_leave_one_out(Omega, Y, B, Z, sigma, Vt, rank)
-    payload = {"loo_estimates": loo.tolist(), "rank": rank, "low_rank_part": float(torch.trace(B.T @ Z)),
-               "sketch_frobenius_share": float(Z.square().sum() / (Y.square().sum() / s))}
+    loo = _xtrace_leave_one_out(op, Omega, Y, B, Z, sigma, Vt, rank)
+    payload = {"loo_estimates": loo.tolist(), "rank": rank,
+               "low_rank_part": float(c.summed(op, torch.trace(B.T @ Z))),
+               "sketch_frobenius_share": float(c.summed(op, Z.square().sum()) / (c.summed(op, Y.square().sum()) / s))}
     return Estimate("trace", float(loo.mean()), float(loo.std()) / math.sqrt(s), "estimate", True,
                     op.hvp_count - hvp0, time.perf_counter() - start, settings, payload=payload)
 
 
-def _range_basis(Y: torch.Tensor):
+def _range_basis(op, Y: torch.Tensor):
     """(B, sigma, Vt): Y = Q R, R = U diag(sigma) Vt, and B = Q U[:, :r] an orthonormal basis of range(Y), r the
-    number of singular values above RANK_RTOL times the largest."""
-    Q, R = torch.linalg.qr(Y, mode="reduced")
+    number of singular values above RANK_RTOL times the largest (rows: this rank's, for a sharded op)."""
+    Q = c.orthonormal_columns(op, Y)
+    R = c.summed(op, Q.T @ Y)
     U, sigma, Vt = torch.linalg.svd(R, full_matrices=False)
     rank = int((sigma > RANK_RTOL * sigma[0]).sum()) if sigma[0] > 0 else 0
     return Q @ U[:, :rank], sigma, Vt
 
 
-def _xtrace_leave_one_out(Omega, Y, B, Z, sigma, Vt, rank: int) -> torch.Tensor:
+def _xtrace_leave_one_out(op, Omega, Y, B, Z, sigma, Vt, rank: int) -> torch.Tensor:
     """The s leave-one-out estimates t_i from one basis B (n, r) of range(Y) and Z = H B.
 
     With W = B^T Omega, G = B^T Y, T = B^T H B, and d_i the unit vector in B's coordinates orthogonal to
@@ -161,10 +163,10 @@ def _xtrace_leave_one_out(Omega, Y, B, Z, sigma, Vt, rank: int) -> torch.Tensor:
     H w_i = Y_i and H B = Z (H symmetric) gives, with d = d_i, c = c_i,
     t_i = tr T - d^T T d + w_i^T Y_i - 2 W_i^T G_i + 2 c d^T G_i + W_i^T T W_i - 2 c d^T T W_i + c^2 d^T T d.
     """
-    T = B.T @ Z
+    T = c.summed(op, B.T @ Z)
     T = (T + T.T) / 2
-    W, G = B.T @ Omega, B.T @ Y
-    quad = (Omega * Y).sum(dim=0)  # w_i^T H w_i
+    W, G = c.summed(op, [B.T @ Omega, B.T @ Y])
+    quad = c.summed(op, (Omega * Y).sum(dim=0))  # w_i^T H w_i
     TW = T @ W
     loo = torch.trace(T) + quad - 2 * (W * G).sum(dim=0) + (W * TW).sum(dim=0)
     if rank == Omega.shape[1]:
