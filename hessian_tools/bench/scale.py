@@ -28,6 +28,7 @@ def run(quick: bool = False, say=print) -> dict:
     model = build_model(GPTConfig(**config, norm_backend="torch")).eval()
     idx = torch.randint(0, config["vocab_size"], (b, t + 1), generator=torch.Generator().manual_seed(0))
     batch = (idx[:, :-1], idx[:, 1:])
+    free = available_bytes()  # before the modes' operators: the memory they free stays with this process
     grad = gradient_fn(model, batch)
     grad()
     out = {"config": config, "tokens": [b, t], "grad_s": best_times({"g": grad}, 2)["g"], "modes": {}}
@@ -49,7 +50,7 @@ def run(quick: bool = False, say=print) -> dict:
     out["n_params"] = n = int(v.numel())
     say("scale: lambda_max")
     op = ParamHessian(model, [batch], dtype=torch.float32)
-    budget = available_bytes() - out["modes"]["double-backward"]["peak_bytes"] - SPARE_VECTORS * 8 * n
+    budget = free - out["modes"]["double-backward"]["peak_bytes"] - SPARE_VECTORS * 8 * n
     est, seconds = timed(lambda: lanczos(op, tol=ACCURACY, basis_dtype=torch.float32, basis_budget=budget))
     p = est.payload
     out["lambda_max"] = {"tol": ACCURACY, "value": est.value, "error": est.error, "interval": p["interval"],
