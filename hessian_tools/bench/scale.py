@@ -19,8 +19,8 @@ TOKENS = (4, 256)  # batch x sequence length
 QUICK = dict(arch="gpt2", vocab_size=64, dim=16, n_layers=1, n_heads=2, seq_len=8)
 QUICK_TOKENS = (2, 8)
 ACCURACY = 1e-3
-SPARE_VECTORS = 4  # float64 vectors of n left free beside the float32 basis: the Lanczos vector, its product, casts
-MARGIN_BYTES = 2**30
+SPARE_VECTORS = 8  # float64 vectors of n left free beside the float32 basis: the Lanczos vector, its product, casts
+MARGIN_BYTES = 3 * 2**30  # what else a step allocates (two runs with 1 GiB and 4 spare vectors ran out of memory)
 
 
 def _return_freed_memory():
@@ -66,6 +66,7 @@ def run(quick: bool = False, say=print) -> dict:
     op = ParamHessian(model, [batch], dtype=torch.float32)
     unit = v / torch.linalg.vector_norm(v)
     (rounding, twin_products), rounding_s = timed(lambda: measured_rounding(op, unit, op.matvec(unit), 0.0))
+    del v, unit
     _return_freed_memory()
     memory = op.memory()  # the first product kept the graph: what is available now is what the basis may use
     transient = memory["measured_peak_bytes"] - memory["kept_graphs_bytes"]
