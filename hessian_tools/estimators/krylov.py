@@ -115,14 +115,9 @@ class KrylovBasis:
             return blk @ w
         return sum(blk[:, s: s + CHUNK].to(FLOAT) @ w[s: s + CHUNK] for s in range(0, self.n, CHUNK))
 
-    def _combination(self, blk: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """blk.T @ h in float64 for h (rows,) or (rows, k)."""
-        if blk.dtype == FLOAT:
-            return blk.T @ h
-        return torch.cat([blk[:, s: s + CHUNK].T.to(FLOAT) @ h for s in range(0, self.n, CHUNK)])
-
     def _subtract(self, w: torch.Tensor, blk: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """w - blk.T @ h; in place, chunk by chunk, for float32 storage (no n-sized temporaries at scale)."""
+        """w - blk.T @ h for w (n,) or (n, k); in place, chunk by chunk, for float32 storage (no n-sized
+        temporaries at scale)."""
         if blk.dtype == FLOAT:
             return w - blk.T @ h
         for s in range(0, self.n, CHUNK):
@@ -207,8 +202,10 @@ class KrylovBasis:
     def ritz_vectors(self, S_cols: np.ndarray) -> torch.Tensor:
         """Q_m @ S[:, cols]: (n, len(cols)) float64 Ritz vectors (this rank's rows for a sharded operator)."""
         S_t = torch.as_tensor(S_cols, dtype=FLOAT, device=self.blocks[0].device)
-        return sum(self._combination(blk, S_t[b * self.rows: b * self.rows + blk.shape[0]])
-                   for b, blk in enumerate(self._basis()))
+        out = torch.zeros(self.n, S_t.shape[1], dtype=FLOAT, device=S_t.device)
+        for b, blk in enumerate(self._basis()):
+            out = self._subtract(out, blk, -S_t[b * self.rows: b * self.rows + blk.shape[0]])
+        return out
 
 
 def _eigh_tridiagonal(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
